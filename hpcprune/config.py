@@ -1,0 +1,206 @@
+"""Step 1 — config: a YAML file plus `--set a.b=c` overrides become one validated, frozen tree.
+
+    hpcprune prune --config configs/quickstart.yaml --set prune.sparsity=0.8
+
+Validation is pydantic's: unknown keys, wrong types and out-of-range values are refused with a
+one-line `UsageError` that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hpcprune.errors import UsageError
+
+
+class Section(BaseModel):
+    """Base of every config section: no unknown keys, immutable."""
+
+    # Lax typing on purpose: YAML reads 1e-3 as a string, and users mean a number.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    name: str = "lenet300"
+    """Registry name (`lenet300`, `lenet5`, `resnet8`) or `package.module:callable`."""
+    checkpoint: str | None = None
+    """State dict to start from (`.safetensors`, or a `torch.save` file read with weights_only=True).
+    Without one, the model is trained dense first (see `pretrain`)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the model builder."""
+
+
+class DataConfig(Section):
+    dataset: Literal["fashion-mnist", "synthetic"] = "fashion-mnist"
+    path: str | None = None
+    """Folder with the IDX(.gz) files; else $HPCPRUNE_DATA; else /usr/share/datasets/fashion-mnist."""
+    validation_size: int = Field(5000, ge=0)
+    """Images held out of the training set for validation (the test set stays untouched)."""
+    train_limit: int | None = Field(None, gt=0)
+    """Use only the first N training images (quick experiments)."""
+    synthetic_size: int = Field(2048, gt=0)
+    """Number of training images of the synthetic dataset (test set is a quarter of it)."""
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(1000, gt=0)
+
+
+class OptimizerConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class LRScheduleConfig(Section):
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    step_size: int = Field(1, gt=0)
+    """Epochs between decays (`step` only)."""
+    gamma: float = Field(0.1, gt=0, le=1)
+    """Decay factor (`step` only)."""
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+
+
+class PruneConfig(Section):
+    criterion: str = "magnitude"
+    """How weights are scored: magnitude, relative, random (see hpcprune.scoring.CRITERIA)."""
+    rule: Literal["global", "layer", "threshold"] = "global"
+    """global: exact sparsity over all prunable tensors; layer: the same sparsity in every tensor;
+    threshold: prune every weight whose score is <= `threshold`."""
+    sparsity: float = Field(0.9, ge=0, lt=1)
+    """Final fraction of prunable weights set to zero (rules global and layer)."""
+    threshold: float | None = None
+    """Absolute score threshold (rule threshold)."""
+    exclude: list[str] = Field(default_factory=list)
+    """Glob patterns of parameter names kept dense, e.g. ["fc1.weight", "*.fc_out.*"]."""
+
+    @model_validator(mode="after")
+    def _threshold_needs_value(self) -> PruneConfig:
+        if self.rule == "threshold" and self.threshold is None:
+            raise ValueError("rule 'threshold' needs prune.threshold")
+        return self
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, name: str) -> str:
+        from hpcprune.scoring import CRITERIA  # late: scoring imports torch
+
+        if name not in CRITERIA:
+            raise ValueError(f"unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}")
+        return name
+
+
+class ScheduleConfig(Section):
+    kind: Literal["oneshot", "iterative"] = "oneshot"
+    rounds: int = Field(1, ge=1)
+    """Number of prune → fine-tune rounds (iterative); density shrinks geometrically per round."""
+
+    @model_validator(mode="after")
+    def _oneshot_is_one_round(self) -> ScheduleConfig:
+        if self.kind == "oneshot" and self.rounds != 1:
+            raise ValueError("a oneshot schedule has exactly 1 round; use kind: iterative")
+        return self
+
+
+class OutputConfig(Section):
+    path: str = "runs/hpcprune.h5"
+    """Archive to write; model states go to `<path minus .h5>.states/` beside it."""
+
+
+class RunConfig(Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+    """Progress bars on rank 0 (only when stderr is a terminal)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3))
+    """Dense training, used only when model.checkpoint is not given."""
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, optimizer=OptimizerConfig(lr=0.01)))
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        """The resolved config, as stored in the archive and accepted back by `load_config`."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read `path` (None: all defaults), apply `key.sub=value` overrides, validate."""
+    source = str(path) if path is not None else "<defaults>"
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    for override in overrides:
+        _apply_override(tree, override)
+    return validate_tree(tree, source)
+
+
+def load_config_text(text: str, source: str) -> RunConfig:
+    """Validate a config held as YAML text (e.g. the copy stored in an archive)."""
+    return validate_tree(_parse_yaml(text, source), source)
+
+
+def validate_tree(tree: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise UsageError(f"{source}: {_first_problem(error)}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise UsageError(f"cannot read config {path}: {error.strerror or error}") from None
+    return _parse_yaml(text, str(path))
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise UsageError(f"{source}:{line} malformed YAML ({getattr(error, 'problem', None) or error})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UsageError(f"{source}: the top level must be a mapping of sections, not {type(tree).__name__}")
+    return tree
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    """`a.b.c=value` sets tree['a']['b']['c']; the value is parsed as YAML (1e-3, true, [a, b])."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set {override!r}: expected key.path=value")
+    parts = key.strip().split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UsageError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise UsageError(f"--set {key}: value {raw!r} is not valid YAML") from None
+
+
+def _first_problem(error: ValidationError) -> str:
+    problem = error.errors()[0]
+    key = ".".join(str(part) for part in problem["loc"]) or "<top level>"
+    message = problem["msg"].removeprefix("Value error, ")
+    if problem["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    given = problem.get("input")
+    shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+    return f"{key}: {message}{shown}"

@@ -1,0 +1,81 @@
+"""Step 4 — plan: which tensors are prunable, in which fixed global order, and which rank owns each.
+
+The global order (the model's `named_parameters` order) decides tie-breaking in selection, so it
+must be the same on every rank; the owner of a tensor is the only rank that scores it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from hpcprune.config import PruneConfig
+from hpcprune.errors import UsageError
+
+PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    index: int  # position in the global order
+    name: str  # parameter name, e.g. "fc1.weight"
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Plan:
+    tensors: tuple[TensorSpec, ...]
+    owners: tuple[int, ...]  # owners[i] is the rank that scores tensors[i]
+
+    @property
+    def total(self) -> int:
+        return sum(spec.numel for spec in self.tensors)
+
+    def local(self, rank: int) -> list[TensorSpec]:
+        """The tensors `rank` scores, in global order."""
+        return [spec for spec, owner in zip(self.tensors, self.owners) if owner == rank]
+
+    def by_name(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.tensors if spec.name == name)
+
+
+def prunable_tensors(model: nn.Module, prune: PruneConfig) -> tuple[TensorSpec, ...]:
+    """Weights of Linear/Conv modules, minus the excluded names, in `named_parameters` order."""
+    weights = {
+        f"{module_name}.weight" if module_name else "weight"
+        for module_name, module in model.named_modules()
+        if isinstance(module, PRUNABLE_MODULES)
+    }
+    names = [
+        name
+        for name, _ in model.named_parameters()
+        if name in weights and not any(fnmatch.fnmatchcase(name, pattern) for pattern in prune.exclude)
+    ]
+    if not names:
+        raise UsageError(f"model has no prunable tensors (Linear/Conv weights) after prune.exclude={prune.exclude}")
+    shapes = dict(model.named_parameters())
+    return tuple(TensorSpec(index, name, tuple(shapes[name].shape)) for index, name in enumerate(names))
+
+
+def assign_owners(tensors: tuple[TensorSpec, ...], world_size: int) -> tuple[int, ...]:
+    """Largest tensor first onto the least-loaded rank; ties go to the lower rank, so it is deterministic."""
+    owners = [0] * len(tensors)
+    loads = [(0, rank) for rank in range(world_size)]
+    for spec in sorted(tensors, key=lambda spec: (-spec.numel, spec.index)):
+        load, rank = heapq.heappop(loads)
+        owners[spec.index] = rank
+        heapq.heappush(loads, (load + spec.numel, rank))
+    return tuple(owners)
+
+
+def make_plan(model: nn.Module, prune: PruneConfig, world_size: int) -> Plan:
+    tensors = prunable_tensors(model, prune)
+    return Plan(tensors, assign_owners(tensors, world_size))

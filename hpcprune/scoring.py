@@ -1,0 +1,57 @@
+"""Step 6 — score: a criterion maps one weight tensor to a float32 score tensor of the same shape.
+
+    hpcprune prune --config configs/quickstart.yaml --set prune.criterion=relative
+
+Low scores are pruned first. A criterion is one small function registered in `CRITERIA`; it sees
+only its own tensor (plus a context), so any rank can score any tensor and get the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hpcprune.plan import TensorSpec
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    seed: int
+
+
+Criterion = Callable[[TensorSpec, torch.Tensor, ScoreContext], torch.Tensor]
+
+
+def magnitude(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+    """|w|: the classic (Han et al. 2015) criterion."""
+    return weight.detach().abs().to(torch.float32)
+
+
+def relative(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+    """|w_ij| / sum_k |w_ik|: a weight's share of its output row (output channel for convolutions)."""
+    rows = weight.detach().abs().to(torch.float32).reshape(weight.shape[0], -1)
+    row_sums = rows.sum(dim=1, keepdim=True)
+    # An all-zero row has nothing to share: its scores are 0 rather than 0/0.
+    shares = torch.where(row_sums > 0, rows / row_sums.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return shares.reshape(weight.shape)
+
+
+def random(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+    """Uniform noise, seeded by (seed, tensor index) so it does not depend on which rank scores it."""
+    generator = torch.Generator().manual_seed(context.seed * 1_000_003 + spec.index)
+    return torch.rand(spec.shape, generator=generator, dtype=torch.float32).to(weight.device)
+
+
+CRITERIA: dict[str, Criterion] = {
+    "magnitude": magnitude,
+    "relative": relative,
+    "random": random,
+}
+
+
+def score_tensor(criterion: str, spec: TensorSpec, weight: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+    scores = CRITERIA[criterion](spec, weight, context)
+    assert scores.shape == weight.shape and scores.dtype == torch.float32, f"criterion {criterion} broke its contract"
+    return scores

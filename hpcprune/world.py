@@ -1,0 +1,83 @@
+"""Step 2 — world: who am I (rank, size) and the few collectives the pipeline needs.
+
+    hpcprune prune ...              -> SingleWorld (rank 0 of 1)
+
+Everything above this module is written once against `World`; launch-specific backends (mpirun,
+srun, torchrun) register a detector in `DETECTORS` and are tried in order, the single process last.
+Collectives move only small numpy arrays and byte strings: histograms, counts, packed masks.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import numpy as np
+
+
+class World(abc.ABC):
+    """One process's view of the job."""
+
+    name: str = "abstract"
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @abc.abstractmethod
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        """Element-wise sum of `array` over all ranks; every rank gets the result (a new array)."""
+
+    @abc.abstractmethod
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        """`root`'s bytes on every rank (other ranks pass None)."""
+
+    @abc.abstractmethod
+    def gather_bytes(self, data: bytes, root: int = 0) -> list[bytes] | None:
+        """Every rank's bytes, in rank order, on `root`; None elsewhere."""
+
+    @abc.abstractmethod
+    def barrier(self) -> None:
+        """Wait until every rank got here."""
+
+    def abort(self, exit_code: int) -> None:
+        """End every rank now (a failure on one rank must not leave the others waiting)."""
+        raise SystemExit(exit_code)
+
+    def close(self) -> None:
+        """Release the backend at the end of a run."""
+
+
+class SingleWorld(World):
+    """A plain process: rank 0 of 1, every collective is the identity."""
+
+    name = "single"
+
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        return np.array(array, copy=True)
+
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        assert data is not None, "the root of a broadcast must pass its bytes"
+        return data
+
+    def gather_bytes(self, data: bytes, root: int = 0) -> list[bytes] | None:
+        return [data]
+
+    def barrier(self) -> None:
+        pass
+
+
+# A detector returns a World when the process was started by its launcher, else None.
+DETECTORS: list[Callable[[], World | None]] = []
+
+
+def detect_world() -> World:
+    """The World this process was started in: first detector that recognises it, else single."""
+    for detector in DETECTORS:
+        world = detector()
+        if world is not None:
+            return world
+    return SingleWorld()
