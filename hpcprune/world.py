@@ -10,9 +10,14 @@ Collectives move only small numpy arrays and byte strings: histograms, counts, p
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable
 
 import numpy as np
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank is gone: that rank reports the cause, not this one."""
 
 
 class World(abc.ABC):
@@ -76,8 +81,22 @@ DETECTORS: list[Callable[[], World | None]] = []
 
 def detect_world() -> World:
     """The World this process was started in: first detector that recognises it, else single."""
+    import hpcprune.launch  # noqa: F401  (registers the launchers' detectors)
+
     for detector in DETECTORS:
         world = detector()
         if world is not None:
             return world
     return SingleWorld()
+
+
+# Rank variables of the launchers, in the order detection trusts them.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher announced it, before any World exists (0 if none)."""
+    for variable in RANK_VARIABLES:
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return 0

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from hpcprune.config import DataConfig, ModelConfig
-from hpcprune.data import DEFAULT_FOLDER, FILES, load_data, make_loader, set_epoch
+from hpcprune.data import FILES, load_data, make_loader, set_epoch
 from hpcprune.errors import UsageError
 from hpcprune.models import build_model
 from hpcprune.world import SingleWorld
 
-REAL_DATA = Path(DEFAULT_FOLDER)
 
 
 class RankOf(SingleWorld):
@@ -57,8 +56,7 @@ def image_ids(dataset) -> list[int]:
 # --- real Fashion-MNIST ----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="dataset-fashion-mnist is not installed")
-def test_real_fashion_mnist_loads_with_the_documented_shapes():
+def test_real_fashion_mnist_loads_with_the_documented_shapes(require_fashion_mnist):
     splits = load_data(DataConfig(validation_size=5000), seed=0)
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (55000, 5000, 10000)
     images, labels = splits.train.tensors

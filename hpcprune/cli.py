@@ -1,0 +1,128 @@
+"""The command line: `hpcprune prune` and `hpcprune inspect`.
+
+    hpcprune prune --config configs/quickstart.yaml [--set prune.sparsity=0.8] [--out run.h5] [--resume|--force]
+    hpcprune inspect run.h5
+
+Settings live in the config tree, not in flags: the CLI only names the config, its overrides and
+what to do with an existing archive. Errors in what the user gave print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import traceback
+from collections.abc import Iterator
+
+import click
+
+from hpcprune import __version__
+from hpcprune.errors import UsageError
+from hpcprune.world import PeerLost, World, launcher_rank
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hpcprune")
+def cli() -> None:
+    """Prune PyTorch models at cluster scale and keep everything in one HDF5 archive."""
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (default: all defaults).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. prune.sparsity=0.8 (repeatable).")
+@click.option("--out", help="Archive to write (overrides output.path).")
+@click.option("--resume", is_flag=True, help="Continue the run recorded in the archive from its last complete round.")
+@click.option("--force", is_flag=True, help="Overwrite an existing archive.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and the final summary.")
+def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, resume: bool, force: bool, quiet: bool) -> None:
+    """Score, select, mask and fine-tune, recording every round in the archive.
+
+    \b
+    Examples:
+      hpcprune prune --config configs/quickstart.yaml
+      hpcprune prune --config configs/quickstart.yaml --set prune.sparsity=0.95 --out runs/s95.h5
+      mpirun -n 4 hpcprune prune --config configs/oneshot_global.yaml
+    """
+    from hpcprune.config import load_config
+    from hpcprune.pipeline import run
+    from hpcprune.world import detect_world
+
+    if resume and force:
+        raise UsageError("--resume and --force contradict each other: pick one")
+    all_overrides = list(overrides) + ([f"output.path={out}"] if out else [])
+    config = load_config(config_path, all_overrides)
+    world = detect_world()
+    _setup_logging(world.rank, quiet)
+    with ends_every_rank_on_failure(world):
+        result = run(config, world, resume=resume, force=force)
+    world.close()
+    if world.is_root:
+        click.echo(
+            f"archive {result.archive}\n"
+            f"dense test accuracy  {100 * result.dense_accuracy:.2f} %\n"
+            f"pruned test accuracy {100 * result.final_accuracy:.2f} % "
+            f"({100 * (result.final_accuracy - result.dense_accuracy):+.2f} pp)\n"
+            f"sparsity             {100 * result.achieved_sparsity:.4f} % achieved, {100 * result.target_sparsity:.4f} % asked "
+            f"({result.kept} of {result.total} prunable weights kept)"
+        )
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(archive: str, as_json: bool) -> None:
+    """Summarise an archive: rounds, sparsity, accuracy and the per-layer table."""
+    import json
+
+    from hpcprune.inspect import render_summary, summary
+
+    facts = summary(archive)
+    click.echo(json.dumps(facts, indent=2) if as_json else render_summary(facts))
+
+
+@contextlib.contextmanager
+def ends_every_rank_on_failure(world: World) -> Iterator[None]:
+    """A failure on one rank must not leave the others waiting in a collective: report it here,
+    once, with the rank, then end the whole job (MPI_Abort or equivalent)."""
+    try:
+        yield
+    except PeerLost as error:
+        # Another rank failed and reported why; this rank only says that it stops.
+        click.echo(f"[rank {world.rank}] stopping: {error}", err=True)
+        world.abort(1)
+    except UsageError as error:
+        if world.size == 1:
+            raise
+        click.echo(f"hpcprune: error: [rank {world.rank}] {error}", err=True)
+        world.abort(error.exit_code)
+    except Exception:
+        if world.size == 1:
+            raise
+        click.echo(f"[rank {world.rank}] failed:\n{traceback.format_exc()}", err=True)
+        world.abort(1)
+
+
+def _setup_logging(rank: int, quiet: bool) -> None:
+    # Only rank 0 talks unless something goes wrong; every line says which rank it comes from.
+    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    logging.basicConfig(level=level, format=f"[rank {rank}] %(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except UsageError as error:
+        # Errors found before the ranks know each other (config, flags) are the same on every
+        # rank: only the launcher's rank 0 prints them.
+        if launcher_rank() == 0:
+            click.echo(f"hpcprune: error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)

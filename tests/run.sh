@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs them.
+#   bash tests/run.sh [pytest args]
+# As root it installs Debian's packages itself (apt-get update first); Python packages go into the
+# active interpreter. torch is pinned here only to pick the CPU wheel already on these machines;
+# the package itself accepts any torch >= 2.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SYSTEM_PACKAGES=(dataset-fashion-mnist)
+missing=()
+for package in "${SYSTEM_PACKAGES[@]}"; do dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then echo "tests/run.sh: need root to install ${missing[*]}" >&2; exit 1; fi
+  echo "tests/run.sh: apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python -c 'import torch' 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test,plot]"
+
+status=0
+python -m pytest "$@" || status=$?
+if [ "$status" = 5 ]; then
+  echo "tests/run.sh: pytest collected no tests: nothing was proved" >&2
+  exit 1
+fi
+exit "$status"
