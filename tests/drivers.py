@@ -1,0 +1,58 @@
+"""Entry points the distributed tests start under mpirun/torchrun (real launchers, real ranks).
+
+    mpirun -n 3 python -m tests.drivers masks OUT_DIR NAME:KEY=VALUE;KEY=VALUE ...
+    mpirun -n 2 python -m tests.drivers train OUT_DIR [hpcprune prune args]
+    mpirun -n 2 python -m tests.drivers cli [hpcprune prune args]   (with an extra failing criterion)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hpcprune.config import load_config
+from hpcprune.models import save_checkpoint
+from hpcprune.pipeline import run
+from hpcprune.scoring import CRITERIA
+from hpcprune.world import detect_world
+
+REFERENCE = Path(__file__).resolve().parent.parent / "configs" / "oneshot_global.yaml"
+
+
+def masks(out_dir: str, *cases: str) -> None:
+    """Run every case (name:override;override) in one launch: one mpirun per world size, not per case."""
+    world = detect_world()
+    for case in cases:
+        name, _, overrides = case.partition(":")
+        config = load_config(REFERENCE, [o for o in overrides.split(";") if o] + [f"output.path={out_dir}/{name}.h5", "progress=false"])
+        run(config, world, force=True)
+    world.close()
+
+
+def train(out_dir: str, config_path: str, *overrides: str) -> None:
+    """One run with fine-tuning; every rank then saves the parameters it ended with."""
+    world = detect_world()
+    config = load_config(config_path, list(overrides) + [f"output.path={out_dir}/run.h5", "progress=false"])
+    result = run(config, world, force=True)
+    save_checkpoint(result.model, f"{out_dir}/rank{world.rank}.safetensors")
+    world.close()
+
+
+def explode_on_failing_rank(spec, weight, context):
+    if os.environ.get("HPCPRUNE_TEST_FAIL_RANK") == os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK")):
+        raise RuntimeError("injected failure during scoring")
+    return weight.detach().abs()
+
+
+def cli(*args: str) -> None:
+    """The real CLI, with one more criterion that fails on $HPCPRUNE_TEST_FAIL_RANK."""
+    from hpcprune.cli import main
+
+    CRITERIA["explode"] = explode_on_failing_rank
+    sys.argv = ["hpcprune", *args]
+    main()
+
+
+if __name__ == "__main__":
+    {"masks": masks, "train": train, "cli": cli}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,167 @@
+"""Real ranks under mpirun and torchrun: masks bit-identical to one process for every criterion and
+rule, DDP replicas identical with pruned weights at exactly zero, and failures that end every rank."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import missing
+from tests.helpers import CONFIGS, ROOT, archive_masks
+
+MPI_ENV = {
+    # Open MPI refuses root and more ranks than cores unless told; CI runs as root on 2 cores.
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "PYTHONPATH": str(ROOT),
+    "OMP_NUM_THREADS": "1",
+}
+
+CRITERIA_THRESHOLDS = {"magnitude": 0.02, "relative": 0.002, "random": 0.5}
+CASES = [
+    f"{criterion}-{rule}:prune.criterion={criterion};prune.rule={rule}"
+    + (f";prune.threshold={threshold}" if rule == "threshold" else "")
+    for criterion, threshold in CRITERIA_THRESHOLDS.items()
+    for rule in ("global", "layer", "threshold")
+] + [
+    "tied-global:model.name=tests.fixture_models:tied_mlp",
+    "tied-layer:model.name=tests.fixture_models:tied_mlp;prune.rule=layer",
+    "tied-relative:model.name=tests.fixture_models:tied_mlp;prune.criterion=relative;prune.sparsity=0.55",
+    "excluded:prune.exclude=[conv1.weight, fc3.weight];prune.sparsity=0.9",
+]
+
+
+@pytest.fixture(scope="module")
+def mpirun() -> str:
+    launcher = shutil.which("mpirun")
+    if launcher is None:
+        missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        missing("mpi4py", "pip install mpi4py")
+    return launcher
+
+
+def launch(command: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, **MPI_ENV, **(env or {})})
+    return finished
+
+
+def driver(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tests.drivers", *args]
+
+
+@pytest.fixture(scope="module")
+def single_process_masks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("size1")
+    finished = launch(driver("masks", str(out), *CASES))
+    assert finished.returncode == 0, finished.stderr
+    return out
+
+
+def assert_same_masks(mine: Path, reference: Path) -> None:
+    for case in CASES:
+        name = case.partition(":")[0]
+        ours, theirs = archive_masks(mine / f"{name}.h5", 1), archive_masks(reference / f"{name}.h5", 1)
+        assert list(ours) == list(theirs), name
+        for tensor in ours:
+            assert np.array_equal(ours[tensor], theirs[tensor]), f"{name}: {tensor} differs"
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_masks_are_bit_identical_under_mpirun(mpirun, single_process_masks, tmp_path, ranks):
+    finished = launch([mpirun, "-n", str(ranks), *driver("masks", str(tmp_path), *CASES)])
+    assert finished.returncode == 0, finished.stderr
+    assert_same_masks(tmp_path, single_process_masks)
+    with h5py.File(tmp_path / "tied-global.h5", "r") as archive:
+        assert archive.attrs["world_size"] == ranks and archive.attrs["backend"] == "mpi"
+
+
+def test_masks_are_bit_identical_under_torchrun(single_process_masks, tmp_path):
+    finished = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                       *driver("masks", str(tmp_path), *CASES)[1:]])
+    assert finished.returncode == 0, finished.stderr
+    assert_same_masks(tmp_path, single_process_masks)
+    with h5py.File(tmp_path / "tied-global.h5", "r") as archive:
+        assert archive.attrs["backend"] == "torch"
+
+
+def test_tied_case_really_has_ties_at_the_threshold(single_process_masks):
+    with h5py.File(single_process_masks / "tied-global.h5", "r") as archive:
+        attrs = archive["rounds/0001"].attrs
+        assert int(attrs["kept"]) == int(attrs["total"]) - round(0.8 * int(attrs["total"]))
+        # Weights take the values k/4, so the boundary score is one of them and is shared by
+        # thousands of weights: only the position rule decides which of them stay.
+        assert float(attrs["threshold"]) in (0.0, 0.25, 0.5, 0.75)
+
+
+def test_ddp_replicas_agree_and_pruned_weights_stay_zero(mpirun, tmp_path):
+    from hpcprune.config import load_config
+    from hpcprune.data import load_data
+    from hpcprune.finetune import evaluate
+    from hpcprune.models import build_model, load_state_file
+    from hpcprune.world import SingleWorld
+
+    finished = launch([mpirun, "-n", "2", *driver("train", str(tmp_path), str(CONFIGS / "smoke.yaml"),
+                                                   "data.synthetic_size=1536", "finetune.epochs=2")])
+    assert finished.returncode == 0, finished.stderr
+    replicas = [load_state_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in (0, 1)]
+    assert replicas[0].keys() == replicas[1].keys()
+    assert all(torch.equal(replicas[0][name], replicas[1][name]) for name in replicas[0])
+
+    masks = archive_masks(tmp_path / "run.h5", 3)
+    for name, packed in masks.items():
+        weight = replicas[0][name]
+        keep = np.unpackbits(packed, count=weight.numel()).astype(bool)
+        assert torch.count_nonzero(weight.flatten()[torch.from_numpy(~keep)]) == 0, name
+
+    # The recorded accuracy covers the whole test set (both ranks' halves), so one process
+    # evaluating the final weights on all of it must find the same number.
+    config = load_config(CONFIGS / "smoke.yaml", ["data.synthetic_size=1536"])
+    splits = load_data(config.data, config.seed)
+    model = build_model(config.model)
+    model.load_state_dict(replicas[0])
+    _, accuracy = evaluate(model, splits.test, world=SingleWorld(), device=torch.device("cpu"), batch_size=256)
+    with h5py.File(tmp_path / "run.h5", "r") as archive:
+        assert archive["rounds/0003"].attrs["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+        assert archive.attrs["world_size"] == 2
+        assert len(archive["rounds/0003/history"]) == 2
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("scoring", ["prune.criterion=explode"], "injected failure during scoring"),
+    ("fine-tuning", ["model.name=tests.fixture_models:FailsInTraining", "pretrain.epochs=0"], "injected failure during fine-tuning"),
+])
+def test_a_failing_rank_ends_every_rank(mpirun, tmp_path, stage, overrides, message):
+    command = [mpirun, "-n", "3", *driver("cli", "prune", "--config", str(CONFIGS / "smoke.yaml"),
+                                           "--out", str(tmp_path / "run.h5"), *[f"--set={o}" for o in overrides])]
+    started = time.monotonic()
+    finished = launch(command, timeout=120, env={"HPCPRUNE_TEST_FAIL_RANK": "1"})
+    assert time.monotonic() - started < 60
+    assert finished.returncode != 0
+    output = finished.stdout + finished.stderr
+    assert output.count(f"RuntimeError: {message}") == 1, output  # the traceback once, from rank 1 only
+    assert "[rank 1]" in output
+
+
+def test_mpirun_cli_end_to_end_with_ddp(mpirun, tmp_path):
+    """The documented recipe: `mpirun -n 2 hpcprune prune ...` with dense training and fine-tuning."""
+    out = tmp_path / "run.h5"
+    finished = launch([mpirun, "-n", "2", sys.executable, "-m", "hpcprune", "prune",
+                       "--config", str(CONFIGS / "smoke.yaml"), "--out", str(out)])
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.count("75.0000 % achieved") == 1  # only rank 0 prints the summary
+    with h5py.File(out, "r") as archive:
+        assert [archive[f"rounds/{r:04d}"].attrs["status"] for r in (1, 2, 3)] == ["complete"] * 3
