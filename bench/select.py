@@ -5,15 +5,23 @@
     python bench/select.py --small              # quick smoke run; prints, writes nothing unless --out
 
 Methods, each timed from the dense model to the masks:
-  hpcprune        hpcprune.scoring.magnitude per tensor + hpcprune.select.select("global") (masks included)
+  hpcprune        hpcprune.select.select("global") over a lazy mapping that computes |w|
+                  (hpcprune.scoring.magnitude: a new tensor) on every access: scoring, selection
+                  and the packed masks (numel/8 bytes) all happen inside the measured call
+  hpcprune_buf.   the same, but the mapping computes |w| into one reused buffer of the largest
+                  tensor's size (sound because select holds one tensor's scores at a time: if it
+                  did not, the masks would come out wrong and the run would fail)
   global_unstr.   torch.nn.utils.prune.global_unstructured(..., L1Unstructured), until the masks exist
   kthvalue        torch.cat of all |w| + torch.kthvalue + one comparison per tensor
 
 Every run of every method happens in its own forked child, so each measures its own peak memory:
 the child's VmHWM after the method (reset just before by writing 5 to /proc/self/clear_refs) minus
-its VmRSS right before it. The weights have distinct magnitudes (float32 bit patterns 1.0 + a
-permutation, random signs), so all three must return identical masks; the children send back a
-sha256 of the packed masks through a pipe and the run fails if they differ.
+its VmRSS right before it, reported as a percentage of the model's weight bytes against the
+target of OVERHEAD_TARGET_PCT. Each child first runs its method once on a tiny model, so that
+one-time costs that do not grow with the model (code pages the child touches first, the start of
+its thread pools) are not counted. The weights have distinct magnitudes (float32 bit patterns 1.0 +
+a permutation, random signs), so all methods must return identical masks; the children send back
+a sha256 of the packed masks through a pipe and the run fails if they differ.
 
 Results go to bench/results/select.json and bench/results/select.md.
 """
@@ -35,6 +43,7 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +58,13 @@ from hpcprune.select import prune_count, select
 from hpcprune.world import SingleWorld
 
 RESULTS = Path(_HERE) / "results"
+OVERHEAD_TARGET_PCT = 10.0  # peak memory above the dense model, in % of its prunable weights' bytes
+SECONDS_TARGET = 0.6  # hpcprune's median time on the default model
+SPEEDUP_TARGET = 30.0  # global_unstructured's median time / hpcprune's
+OURS = ("hpcprune", "hpcprune_buffer")
 LABELS = {
-    "hpcprune": 'hpcprune: magnitude scores + select("global") + masks',
+    "hpcprune": 'hpcprune: select("global") on lazy |w| (new tensor per access), packed masks',
+    "hpcprune_buffer": 'hpcprune: select("global") on lazy |w| (into one reused buffer), packed masks',
     "global_unstructured": "torch.nn.utils.prune.global_unstructured(L1Unstructured)",
     "kthvalue": "torch.cat(abs(w)) + torch.kthvalue + masks",
 }
@@ -77,23 +91,49 @@ def build_model(layers: int, width: int, seed: int) -> nn.Sequential:
 # --- the methods: dense model in, {name: bool mask} out ------------------------------------------------
 
 
-def run_hpcprune(model, plan, sparsity, timings):
-    parameters = dict(model.named_parameters())
-    started = time.perf_counter()
-    context = ScoreContext(seed=0)
-    scores = {spec.name: magnitude(spec, parameters[spec.name], context) for spec in plan.tensors}
-    timings["score_s"] = time.perf_counter() - started
-    # Selection's own memory: its peak above the RSS with the scores in place, less the masks it returns.
-    timings["earlier_peak"] = proc_status_bytes("VmHWM") or 0
-    scored = proc_status_bytes("VmRSS")
-    exact = reset_peak() and scored is not None
-    started_select = time.perf_counter()
+class LazyMagnitude(Mapping[str, torch.Tensor]):
+    """|w| of a tensor, computed afresh on every access (nothing cached), counting the accesses."""
+
+    def __init__(self, model, plan):
+        parameters = dict(model.named_parameters())
+        self._specs = {spec.name: spec for spec in plan.tensors}
+        self._weights = {spec.name: parameters[spec.name] for spec in plan.tensors}
+        self._context = ScoreContext(seed=0)
+        self.reads = 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.reads += 1
+        return magnitude(self._specs[name], self._weights[name], self._context)  # a new tensor each time
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+class LazyMagnitudeInto(LazyMagnitude):
+    """|w| of a tensor, computed on every access into one buffer: each access overwrites the last."""
+
+    def __init__(self, model, plan):
+        super().__init__(model, plan)
+        self._buffer = torch.empty(max(spec.numel for spec in plan.tensors), dtype=torch.float32)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.reads += 1
+        weight = self._weights[name].detach()
+        return torch.abs(weight, out=self._buffer[: weight.numel()].view(weight.shape))
+
+
+def run_hpcprune(model, plan, sparsity, timings, mapping=LazyMagnitude):
+    scores = mapping(model, plan)
     selection = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
-    timings["select_s"] = time.perf_counter() - started_select
-    if exact:
-        mask_bytes = sum(mask.numel() * mask.element_size() for mask in selection.masks.values())
-        timings["select_temporary_bytes"] = proc_status_bytes("VmHWM") - scored - mask_bytes
+    timings["reads_per_tensor"] = scores.reads / len(plan.tensors)
     return selection.masks
+
+
+def run_hpcprune_buffer(model, plan, sparsity, timings):
+    return run_hpcprune(model, plan, sparsity, timings, mapping=LazyMagnitudeInto)
 
 
 def run_global_unstructured(model, plan, sparsity, timings):
@@ -114,7 +154,8 @@ def run_kthvalue(model, plan, sparsity, timings):
     return {spec.name: w.abs() > boundary for spec, w in zip(plan.tensors, weights)}
 
 
-METHODS = {"hpcprune": run_hpcprune, "global_unstructured": run_global_unstructured, "kthvalue": run_kthvalue}
+METHODS = {"hpcprune": run_hpcprune, "hpcprune_buffer": run_hpcprune_buffer,
+           "global_unstructured": run_global_unstructured, "kthvalue": run_kthvalue}
 
 
 # --- measuring one run in a forked child ---------------------------------------------------------------
@@ -141,14 +182,32 @@ def reset_peak() -> bool:
         return False
 
 
+def packed(mask) -> np.ndarray:
+    """A mask as np.packbits bytes: hpcprune's masks already are; torch's bool/float masks get packed."""
+    if isinstance(mask, np.ndarray):
+        return mask
+    return np.packbits(mask.detach().to(torch.bool).reshape(-1).numpy())
+
+
 def masks_digest(plan, masks) -> str:
     digest = hashlib.sha256()
     for spec in plan.tensors:
-        digest.update(np.packbits(masks[spec.name].detach().to(torch.bool).reshape(-1).numpy()).tobytes())
+        digest.update(packed(masks[spec.name]).tobytes())
     return digest.hexdigest()
 
 
+def kept_count(plan, masks) -> int:
+    return sum(int(np.unpackbits(packed(masks[spec.name]), count=spec.numel).sum()) for spec in plan.tensors)
+
+
+def warm_up(method: str, sparsity: float) -> None:
+    """Run the method once on a tiny model: first-use costs are not what the benchmark measures."""
+    tiny = build_model(2, 64, seed=1)
+    METHODS[method](tiny, make_plan(tiny, PruneConfig(), 1), sparsity, {})
+
+
 def measure(method: str, model, plan, sparsity: float) -> dict:
+    warm_up(method, sparsity)
     gc.collect()
     before = proc_status_bytes("VmRSS")
     exact_peak = reset_peak() and before is not None
@@ -162,7 +221,7 @@ def measure(method: str, model, plan, sparsity: float) -> dict:
         before = before or 0
         timings.pop("earlier_peak", None)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    kept = sum(int(mask.detach().to(torch.bool).sum()) for mask in masks.values())
+    kept = kept_count(plan, masks)
     return {"seconds": seconds, **timings, "rss_before": before, "peak_rss": peak,
             "overhead_bytes": peak - before, "peak_exact": exact_peak, "kept": kept,
             "masks_sha256": masks_digest(plan, masks)}
@@ -203,48 +262,98 @@ def summarise(method: str, runs: list[dict], model_bytes: int) -> dict:
     summary = {"label": LABELS[method], "seconds_median": statistics.median(seconds), "seconds_min": min(seconds),
                "overhead_bytes": overhead, "overhead_pct_of_model": 100.0 * overhead / model_bytes,
                "masks_sha256": runs[0]["masks_sha256"], "kept": runs[0]["kept"], "runs": runs}
-    for part in ("score_s", "select_s"):
-        if part in runs[0]:
-            summary[part + "_median"] = statistics.median(run[part] for run in runs)
-    if "select_temporary_bytes" in runs[0]:
-        summary["select_temporary_bytes"] = max(run["select_temporary_bytes"] for run in runs)
+    if "reads_per_tensor" in runs[0]:
+        summary["reads_per_tensor"] = max(run["reads_per_tensor"] for run in runs)
     return summary
 
 
+def compare(methods: dict) -> dict:
+    """For each hpcprune variant: time ratios (medians) and whether it meets its targets."""
+    verdicts = {}
+    for ours in OURS:
+        seconds, overhead = methods[ours]["seconds_median"], methods[ours]["overhead_pct_of_model"]
+        versus_torch = methods["global_unstructured"]["seconds_median"] / seconds
+        verdicts[ours] = {
+            "speedup_vs_global_unstructured": versus_torch,
+            "speedup_vs_kthvalue": methods["kthvalue"]["seconds_median"] / seconds,
+            "overhead_pct_of_model": overhead,
+            "overhead_target_met": overhead <= OVERHEAD_TARGET_PCT,
+            "speedup_target_met": versus_torch >= SPEEDUP_TARGET,
+            "seconds_target_met": seconds <= SECONDS_TARGET,
+        }
+    return verdicts
+
+
+def run_session(model, plan, sparsity: float, threads: int, repeats: int, model_bytes: int) -> dict:
+    """Every method `repeats` times, each run in its own child; with the load average around it."""
+    load_before = os.getloadavg()
+    runs = {method: [in_child(method, model, plan, sparsity, threads) for _ in range(repeats)] for method in METHODS}
+    methods = {method: summarise(method, method_runs, model_bytes) for method, method_runs in runs.items()}
+    return {"load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+            "methods": methods, "targets": compare(methods)}
+
+
+def table(methods: dict) -> list[str]:
+    lines = ["| method | seconds (median) | seconds (min) | peak memory overhead | overhead / model bytes |",
+             "|---|---:|---:|---:|---:|"]
+    for summary in methods.values():
+        lines.append(f"| {summary['label']} | {summary['seconds_median']:.3f} | {summary['seconds_min']:.3f} | "
+                     f"{summary['overhead_bytes'] / 2**20:.1f} MiB | {summary['overhead_pct_of_model']:.1f} % |")
+    return lines
+
+
+def verdict_lines(methods: dict, targets: dict) -> list[str]:
+    def met(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    lines = []
+    for ours, verdict in targets.items():
+        lines.append(
+            f"{ours}: overhead {verdict['overhead_pct_of_model']:.1f} % of the model's bytes (target <= "
+            f"{OVERHEAD_TARGET_PCT:g} %: {met(verdict['overhead_target_met'])}); "
+            f"{methods[ours]['seconds_median']:.3f} s (target <= {SECONDS_TARGET:g} s: "
+            f"{met(verdict['seconds_target_met'])}); global_unstructured / {ours} "
+            f"{verdict['speedup_vs_global_unstructured']:.1f}x (target >= {SPEEDUP_TARGET:g}x: "
+            f"{met(verdict['speedup_target_met'])}); kthvalue / {ours} {verdict['speedup_vs_kthvalue']:.1f}x.")
+    return lines
+
+
 def markdown(report: dict) -> str:
-    setup, methods = report["setup"], report["methods"]
+    setup, methods, sessions = report["setup"], report["methods"], report["sessions"]
     described = (
         f"Model: {setup['layers']} x Linear({setup['width']}, {setup['width']}), {setup['prunable']:,} prunable "
         f"weights ({setup['model_bytes'] / 2**20:.1f} MiB float32), sparsity {setup['sparsity']}, "
-        f"{setup['threads']} torch threads on {setup['cores']} cores ({setup['cpu']}), torch {setup['torch']}. "
-        f"Each run in its own forked child; {setup['repeats']} run(s) per method; load average before/after: "
-        f"{setup['load_before']} / {setup['load_after']}."
+        f"{setup['threads']} torch threads on {setup['cores']} cores ({setup['cpu']}), torch {setup['torch']}, "
+        f"numpy {setup['numpy']}. Each run in its own forked child after a warm-up on a tiny model; "
+        f"{len(sessions)} session(s) back to back, {setup['repeats']} run(s) per method in each; the machine "
+        f"is shared, so every session is shown."
     )
-    lines = [
-        "# Global magnitude selection: hpcprune vs torch",
-        "",
-        described,
-        "",
-        "| method | seconds (median) | seconds (min) | peak memory overhead | overhead / model bytes |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for summary in methods.values():
-        lines.append(f"| {summary['label']} | {summary['seconds_median']:.3f} | {summary['seconds_min']:.3f} | "
-                     f"{summary['overhead_bytes'] / 2**20:.0f} MiB | {summary['overhead_pct_of_model']:.0f} % |")
+    lines = ["# Global magnitude selection: hpcprune vs torch", "", described, "",
+             f"## All {len(sessions)} sessions together (median and min over all runs, overhead: max)", "",
+             *table(methods), "", *(f"- {line}" for line in verdict_lines(methods, report["targets"]))]
+    for index, session in enumerate(sessions, 1):
+        lines += ["", f"## Session {index} (load average before / after: {session['load_before']} / "
+                      f"{session['load_after']})", "", *table(session["methods"]), "",
+                  *(f"- {line}" for line in verdict_lines(session["methods"], session["targets"]))]
     ours = methods["hpcprune"]
-    temporary = ours.get("select_temporary_bytes", float("nan")) / 2**20
     notes = [
-        (f"hpcprune split (median): scoring {ours['score_s_median']:.3f} s, selection + masks "
-         f"{ours['select_s_median']:.3f} s. Selection's own temporary memory (peak above the RSS with the "
-         f"scores in place, less the returned masks): {temporary:.1f} MiB."),
-        (f"global_unstructured / hpcprune time: {report['speedup_vs_global_unstructured']:.1f}x; "
-         f"kthvalue / hpcprune time: {report['speedup_vs_kthvalue']:.1f}x (medians)."),
-        (f"Masks identical across the three methods (sha256 of packed masks): {report['masks_identical']}; "
+        (f"What hpcprune holds at its peak: the packed masks ({setup['packed_mask_bytes'] / 2**20:.1f} MiB, "
+         f"{100 * setup['packed_mask_bytes'] / setup['model_bytes']:.1f} % of the model's bytes), one tensor's |w| "
+         f"(largest {setup['largest_score_bytes'] / 2**20:.1f} MiB, "
+         f"{100 * setup['largest_score_bytes'] / setup['model_bytes']:.1f} %), chunk buffers and histograms. "
+         "With a new |w| tensor per access, glibc's malloc also keeps about one more score tensor's block "
+         "resident: torch allocates with posix_memalign, and with malloc's per-thread cache on, a freed "
+         "block is neither merged nor reused for the next, equally large, aligned request (in a separate "
+         "run, GLIBC_TUNABLES=glibc.malloc.tcache_count=0 removed it). The reused buffer shows the memory "
+         "of selection itself."),
+        (f"hpcprune read each tensor's scores {ours['reads_per_tensor']:g} times (one per pass; each read "
+         f"recomputes |w|); times include that scoring."),
+        (f"Masks identical across all methods (sha256 of packed masks): {report['masks_identical']}; "
          f"kept {ours['kept']:,} of {setup['prunable']:,}."),
-        ("Overhead = child's peak RSS during the method minus its RSS right before it; it includes the "
-         "method's outputs (hpcprune: the float32 scores and the bool masks)."),
+        ("Overhead = child's peak RSS during the method minus its RSS right before it (the dense model is "
+         "already there); it includes the method's outputs."),
     ]
-    lines += ["", *(f"- {note}" for note in notes), ""]
+    lines += ["", "## Notes", "", *(f"- {note}" for note in notes), ""]
     return "\n".join(lines)
 
 
@@ -253,13 +362,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--sparsity", type=float, default=0.8)
-    parser.add_argument("--repeats", type=int, default=3, help="forked runs per method")
+    parser.add_argument("--repeats", type=int, default=3, help="forked runs per method in each session")
+    parser.add_argument("--sessions", type=int, default=2, help="back-to-back sessions (the machine may be shared)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="4 x Linear(256, 256), one run each, no files")
     parser.add_argument("--out", type=Path, help="stem of the result files (default bench/results/select)")
     args = parser.parse_args()
     if args.small:
-        args.layers, args.width, args.repeats = 4, 256, 1
+        args.layers, args.width, args.repeats, args.sessions = 4, 256, 1, 1
     out = args.out or (None if args.small else RESULTS / "select")
 
     # The parent stays single-threaded: a forked child cannot use an OpenMP pool its parent started.
@@ -268,25 +378,25 @@ def main() -> None:
     model = build_model(args.layers, args.width, args.seed)
     plan = make_plan(model, PruneConfig(), 1)
     model_bytes = plan.total * 4
-    load_before = os.getloadavg()
 
-    runs = {method: [in_child(method, model, plan, args.sparsity, threads) for _ in range(args.repeats)]
-            for method in METHODS}
-    methods = {method: summarise(method, method_runs, model_bytes) for method, method_runs in runs.items()}
-    digests = {summary["masks_sha256"] for summary in methods.values()}
+    sessions = [run_session(model, plan, args.sparsity, threads, args.repeats, model_bytes)
+                for _ in range(args.sessions)]
+    methods = {method: summarise(method, [run for session in sessions for run in session["methods"][method]["runs"]],
+                                 model_bytes) for method in METHODS}
+    digests = {summary["masks_sha256"] for session in sessions for summary in session["methods"].values()}
     expected_kept = plan.total - prune_count(args.sparsity, plan.total)
     report = {
         "setup": {"layers": args.layers, "width": args.width, "sparsity": args.sparsity, "repeats": args.repeats,
-                  "prunable": plan.total, "model_bytes": model_bytes, "threads": threads,
+                  "sessions": args.sessions, "prunable": plan.total, "model_bytes": model_bytes,
+                  "packed_mask_bytes": sum((spec.numel + 7) // 8 for spec in plan.tensors),
+                  "largest_score_bytes": 4 * max(spec.numel for spec in plan.tensors),
+                  "overhead_target_pct": OVERHEAD_TARGET_PCT, "threads": threads,
                   "cores": len(os.sched_getaffinity(0)), "cpu": _cpu_name(), "torch": torch.__version__,
-                  "numpy": np.__version__, "python": platform.python_version(),
-                  "load_before": [round(x, 2) for x in load_before],
-                  "load_after": [round(x, 2) for x in os.getloadavg()]},
+                  "numpy": np.__version__, "python": platform.python_version()},
         "methods": methods,
+        "targets": compare(methods),
         "masks_identical": len(digests) == 1 and all(s["kept"] == expected_kept for s in methods.values()),
-        "speedup_vs_global_unstructured": methods["global_unstructured"]["seconds_median"]
-        / methods["hpcprune"]["seconds_median"],
-        "speedup_vs_kthvalue": methods["kthvalue"]["seconds_median"] / methods["hpcprune"]["seconds_median"],
+        "sessions": sessions,
     }
     text = markdown(report)
     print(text)

@@ -10,10 +10,10 @@ Layout, format 1 (readable with plain h5py, h5dump or HDFView; nothing is pickle
     /model                 attrs name, num_params; /model/params table (name, shape "300x784", numel, prunable)
     /dense                 attrs accuracy, loss, seconds, status, [state_file]; /dense/history table
     /rounds/<NNNN>/        attrs criterion, rule, target_sparsity, achieved_sparsity, threshold (nan: none),
-                           kept, total, accuracy, loss, seconds_score, seconds_select, seconds_finetune,
+                           kept, total, accuracy, loss, seconds_select, seconds_finetune, seconds_record, seconds_write,
                            state_file, status ("writing", then "complete")
     /rounds/<NNNN>/masks/<tensor>   np.packbits of the flattened bool mask (True = keep, first element in the
-                           highest bit), uint8, chunked + shuffle + gzip + fletcher32; attrs name, shape, kept
+                           highest bit), uint8, chunked + gzip + fletcher32; attrs name, shape, kept
     /rounds/<NNNN>/metrics table (name, numel, kept, sparsity)
     /rounds/<NNNN>/history table (epoch, train_loss, eval_loss, eval_accuracy)
     /checkpoint            attrs round (last complete), state_file
@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
@@ -41,23 +42,19 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
 import yaml
 
 import hpcprune
+from hpcprune.archive_reader import FORMAT, FORMAT_VERSION, open_archive, open_h5, round_groups, round_name
 from hpcprune.errors import UsageError
-from hpcprune.masks import unpack_mask
-
-FORMAT = "hpcprune"
-FORMAT_VERSION = 1
+from hpcprune.mask_codec import EncodedMask, encode_mask
 
 # Keys that may change between the original run and its resume without changing the results.
 RESUME_IGNORED_KEYS = ("output.path", "progress")
 
-MASK_CHUNK_BYTES = 1 << 18  # 2 Mi weights per chunk: large enough to compress, small enough to cache
 REQUIRED_ROUND_ATTRS = ("criterion", "rule", "target_sparsity", "achieved_sparsity", "kept", "total")
 ROUND_DEFAULTS = {
-    "threshold": None, "accuracy": math.nan, "loss": math.nan, "seconds_score": math.nan,
+    "threshold": None, "accuracy": math.nan, "loss": math.nan, "seconds_record": math.nan,
     "seconds_select": math.nan, "seconds_finetune": math.nan, "state_file": None,
 }
 
@@ -76,10 +73,6 @@ def state_path(archive_path: str | Path, label: str) -> Path:
 def escape_name(name: str) -> str:
     """A tensor name as an HDF5 link name ("/" would open a subgroup)."""
     return name.replace("%", "%25").replace("/", "%2F")
-
-
-def round_name(index: int) -> str:
-    return f"{index:04d}"
 
 
 # --- writer ----------------------------------------------------------------------------------
@@ -116,7 +109,7 @@ class Archive:
             raise UsageError(f"cannot create the folder of {path}: {error.strerror or error}") from None
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with _open(temporary, "w") as file:
+            with open_h5(temporary, "w") as file:
                 _write_header(file, config_yaml, model_name, params, world_size, backend)
             os.replace(temporary, path)
         except OSError as error:
@@ -138,7 +131,7 @@ class Archive:
             raise UsageError(f"{path}: cannot resume with a different config: {key} is {stored!r} in the archive "
                              f"and {given!r} now; resume with the same config or pass --force to start over")
         try:
-            with _open(path, "a") as file:
+            with open_h5(path, "a") as file:
                 # Masks do not depend on the world size, so a run may resume on another one; keep the latest.
                 file.attrs["world_size"] = world_size
                 file.attrs["resumed"] = _now()
@@ -149,7 +142,7 @@ class Archive:
     def write_dense(self, *, accuracy: float, loss: float, seconds: float, history: Sequence[Any],
                     state_file: str | None) -> None:
         """Record the dense model's test figures, its training curve and (archive-relative) state file."""
-        with _open(self.path, "a") as file:
+        with open_h5(self.path, "a") as file:
             if "dense" in file:
                 del file["dense"]
             dense = file.create_group("dense")
@@ -160,16 +153,18 @@ class Archive:
             _commit(file, dense)
 
     def write_round(self, index: int, *, attrs: Mapping[str, Any],
-                    masks: Mapping[str, tuple[np.ndarray, Sequence[int], int]],
+                    masks: Mapping[str, tuple[np.ndarray | EncodedMask, Sequence[int], int]],
                     layers: Sequence[Mapping[str, Any]], history: Sequence[Any]) -> None:
-        """Record one round; `masks` maps tensor name -> (packed uint8 bits, shape, kept count).
+        """Record one round; `masks` maps tensor name -> (packed uint8 bits or their encoded chunks,
+        shape, kept count).
 
         Replaces an incomplete round of the same index (left by a killed run); a complete one is a bug.
         """
         missing = [key for key in REQUIRED_ROUND_ATTRS if key not in attrs]
         if missing:
             raise ValueError(f"round {index}: attrs lack {', '.join(missing)}")
-        with _open(self.path, "a") as file:
+        started = time.perf_counter()
+        with open_h5(self.path, "a") as file:
             rounds = file.require_group("rounds")
             name = round_name(index)
             if name in rounds:
@@ -184,22 +179,23 @@ class Archive:
                 _write_mask(masks_group, tensor, packed, tuple(shape), kept)
             group.create_dataset("metrics", data=_table(layers, LAYERS_DTYPE))
             group.create_dataset("history", data=_table(history, HISTORY_DTYPE))
+            group.attrs["seconds_write"] = time.perf_counter() - started
             _commit(file, group)
 
     def mark_checkpoint(self, round_index: int, state_file: str | None) -> None:
         """Resume continues after `round_index` from `state_file` (archive-relative)."""
-        with _open(self.path, "a") as file:
+        with open_h5(self.path, "a") as file:
             checkpoint = file.require_group("checkpoint")
             checkpoint.attrs["round"] = int(round_index)
             checkpoint.attrs["state_file"] = "" if state_file is None else self._relative(state_file)
             file.flush()
 
     def completed_rounds(self) -> list[int]:
-        with _open(self.path, "r") as file:
-            return [index for index, group in _round_groups(file) if group.attrs.get("status") == "complete"]
+        with open_h5(self.path, "r") as file:
+            return [index for index, group in round_groups(file) if group.attrs.get("status") == "complete"]
 
     def dense_done(self) -> bool:
-        with _open(self.path, "r") as file:
+        with open_h5(self.path, "r") as file:
             return "dense" in file and file["dense"].attrs.get("status") == "complete"
 
     def _relative(self, state_file: str | Path) -> str:
@@ -228,15 +224,17 @@ def _write_header(file: h5py.File, config_yaml: str, model_name: str, params, wo
     file.create_group("rounds")
 
 
-def _write_mask(group: h5py.Group, tensor: str, packed: np.ndarray, shape: tuple[int, ...], kept: int) -> None:
-    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+def _write_mask(group: h5py.Group, tensor: str, mask: np.ndarray | EncodedMask, shape: tuple[int, ...], kept: int) -> None:
+    encoded = mask if isinstance(mask, EncodedMask) else encode_mask(mask)
     expected = (math.prod(shape) + 7) // 8
-    if packed.size != expected:
-        raise ValueError(f"mask {tensor}: {packed.size} packed bytes for shape {shape} (expected {expected})")
-    chunk = max(1, min(packed.size, MASK_CHUNK_BYTES))
+    if encoded.nbytes != expected:
+        raise ValueError(f"mask {tensor}: {encoded.nbytes} packed bytes for shape {shape} (expected {expected})")
     # An empty tensor still gets the same filters; HDF5 then needs an extendible shape to hold one chunk.
-    dataset = group.create_dataset(escape_name(tensor), data=packed, chunks=(chunk,), compression="gzip",
-                                   shuffle=True, fletcher32=True, maxshape=None if packed.size else (None,))
+    dataset = group.create_dataset(escape_name(tensor), shape=(encoded.nbytes,), dtype=np.uint8,
+                                   chunks=(encoded.chunk_bytes,), compression="gzip", fletcher32=True,
+                                   maxshape=None if encoded.nbytes else (None,))
+    for position, chunk in enumerate(encoded.chunks):  # already compressed and checksummed (mask_codec)
+        dataset.id.write_direct_chunk((position * encoded.chunk_bytes,), chunk)
     dataset.attrs.update(name=tensor, shape=np.array(shape, dtype=np.int64), kept=int(kept))
 
 
@@ -251,141 +249,6 @@ def _table(rows: Sequence[Any], dtype: np.dtype) -> np.ndarray:
     """Rows (dicts or dataclasses) as a structured array with the columns of `dtype`."""
     rows = [asdict(row) if is_dataclass(row) else row for row in rows]
     return np.array([tuple(row[column] for column in dtype.names) for row in rows], dtype=dtype)
-
-
-# --- reader ----------------------------------------------------------------------------------
-
-
-class ArchiveReader:
-    """What a run recorded; small facts are read on open, masks and tables on request."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        with _open_checked(self.path) as file:
-            self.attrs = _plain_attrs(file.attrs)
-            self.config_yaml = file["config"].asstr()[()]
-            self.model = _plain_attrs(file["model"].attrs)
-            self.params = [_row(row) for row in file["model/params"][()]]
-            self.dense = self._dense(file)
-            self.checkpoint = self._checkpoint(file)
-            self._rounds = [self._round(index, group) for index, group in _round_groups(file)]
-
-    def rounds(self, include_incomplete: bool = False) -> list[dict[str, Any]]:
-        """Round attrs (plus "index"), in round order; only complete rounds unless asked."""
-        return [r for r in self._rounds if include_incomplete or r["status"] == "complete"]
-
-    def read_masks(self, index: int) -> dict[str, torch.Tensor]:
-        """The round's masks as bool tensors (True = keep), in the plan's tensor order."""
-        masks = {}
-        with _open_checked(self.path) as file:
-            for dataset in self._group(file, index)["masks"].values():
-                name = dataset.attrs["name"]
-                try:
-                    packed = dataset[()]
-                except OSError as error:  # fletcher32 or gzip found damaged bytes
-                    raise UsageError(f"{self.path}: round {index}, mask {name} is corrupted ({error})") from None
-                masks[name] = unpack_mask(packed, tuple(int(size) for size in dataset.attrs["shape"]))
-        return masks
-
-    def layers(self, index: int) -> list[dict[str, Any]]:
-        with _open_checked(self.path) as file:
-            return [_row(row) for row in self._group(file, index)["metrics"][()]]
-
-    def history(self, index: int) -> list[dict[str, Any]]:
-        with _open_checked(self.path) as file:
-            return [_row(row) for row in self._group(file, index)["history"][()]]
-
-    def _group(self, file: h5py.File, index: int) -> h5py.Group:
-        name = f"rounds/{round_name(index)}"
-        if name not in file:
-            raise UsageError(f"{self.path} has no round {index}")
-        return file[name]
-
-    def _round(self, index: int, group: h5py.Group) -> dict[str, Any]:
-        attrs = {"index": index, **_plain_attrs(group.attrs)}
-        attrs["threshold"] = None if math.isnan(attrs.get("threshold", math.nan)) else attrs["threshold"]
-        attrs["state_file"] = self._resolve(attrs.get("state_file", ""))
-        return attrs
-
-    def _dense(self, file: h5py.File) -> dict[str, Any] | None:
-        if "dense" not in file or file["dense"].attrs.get("status") != "complete":
-            return None
-        dense = _plain_attrs(file["dense"].attrs)
-        dense["state_file"] = self._resolve(dense.get("state_file", ""))
-        dense["history"] = [_row(row) for row in file["dense/history"][()]]
-        return dense
-
-    def _checkpoint(self, file: h5py.File) -> dict[str, Any] | None:
-        if "checkpoint" not in file:
-            return None
-        checkpoint = _plain_attrs(file["checkpoint"].attrs)
-        checkpoint["state_file"] = self._resolve(checkpoint.get("state_file", ""))
-        return checkpoint
-
-    def _resolve(self, stored: str) -> str | None:
-        return str((self.path.parent / stored).absolute()) if stored else None
-
-
-def open_archive(path: str | Path) -> ArchiveReader:
-    """Read an archive; UsageError if it is not one, is damaged, or was written by a newer hpcprune."""
-    return ArchiveReader(path)
-
-
-def _open(path: Path, mode: str) -> h5py.File:
-    # best-effort: parallel file systems (Lustre, NFS) often refuse HDF5's file locks.
-    return h5py.File(path, mode, locking="best-effort")
-
-
-def _open_checked(path: Path) -> h5py.File:
-    """Open for reading and check that this is an archive this version understands."""
-    if not path.is_file():
-        raise UsageError(f"{path} is not a readable hpcprune archive (no such file)")
-    try:
-        file = _open(path, "r")
-    except OSError as error:
-        raise UsageError(f"{path} is not a readable hpcprune archive ({error})") from None
-    try:
-        _check_format(path, file)
-    except BaseException:
-        file.close()
-        raise
-    return file
-
-
-def _check_format(path: Path, file: h5py.File) -> None:
-    if file.attrs.get("format") != FORMAT:
-        raise UsageError(f"{path} is an HDF5 file but not an hpcprune archive (no format='{FORMAT}' attribute)")
-    version = int(file.attrs.get("format_version", 0))
-    if version > FORMAT_VERSION:
-        raise UsageError(f"{path} was written by a newer hpcprune (format {version}, this reads {FORMAT_VERSION})")
-    missing = [name for name in ("config", "model/params", "rounds") if name not in file]
-    if version < 1 or missing:
-        raise UsageError(f"{path} is not a readable hpcprune archive (format {version}, missing {', '.join(missing)})")
-
-
-def _round_groups(file: h5py.File) -> list[tuple[int, h5py.Group]]:
-    """(index, group) of every round, in numeric order (names sort as text only up to 9999)."""
-    rounds = file.get("rounds", {})
-    return sorted(((int(name), rounds[name]) for name in rounds), key=lambda pair: pair[0])
-
-
-def _plain(value: Any) -> Any:
-    """HDF5/numpy values as plain Python (JSON-able) values."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return [_plain(item) for item in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _plain_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
-    return {key: _plain(value) for key, value in attrs.items()}
-
-
-def _row(row: np.void) -> dict[str, Any]:
-    return {column: _plain(row[column]) for column in row.dtype.names}
 
 
 def _now() -> str:

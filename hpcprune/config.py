@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hpcprune.errors import UsageError
 
 
+CHECKPOINT_MODEL = "checkpoint"
+"""model.name for masks only: no module, the weights are read from model.checkpoint tensor by tensor."""
+
+
 class Section(BaseModel):
     """Base of every config section: no unknown keys, immutable."""
 
@@ -26,7 +30,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = "lenet300"
-    """Registry name (`lenet300`, `lenet5`, `resnet8`) or `package.module:callable`."""
+    """Registry name (`lenet300`, `lenet5`, `resnet8`), `package.module:callable`, or `checkpoint`:
+    no module, score and mask the tensors of model.checkpoint (safetensors) without training."""
     checkpoint: str | None = None
     """State dict to start from (`.safetensors`, or a `torch.save` file read with weights_only=True).
     Without one, the model is trained dense first (see `pretrain`)."""
@@ -128,6 +133,15 @@ class RunConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, optimizer=OptimizerConfig(lr=0.01)))
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _checkpoint_model_is_masks_only(self) -> RunConfig:
+        if self.model.name == CHECKPOINT_MODEL:
+            if not self.model.checkpoint:
+                raise ValueError(f"model.name '{CHECKPOINT_MODEL}' needs model.checkpoint (a .safetensors file)")
+            if self.finetune.epochs:
+                raise ValueError(f"model.name '{CHECKPOINT_MODEL}' has no module to train: set finetune.epochs: 0")
+        return self
 
     def to_yaml(self) -> str:
         """The resolved config, as stored in the archive and accepted back by `load_config`."""

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hpcprune.archive import open_archive
+from hpcprune.archive_reader import open_archive
 
 
 def summary(path: str | Path) -> dict[str, Any]:
@@ -38,7 +38,9 @@ def summary(path: str | Path) -> dict[str, Any]:
 
 
 def _round_row(attrs: dict[str, Any]) -> dict[str, Any]:
-    seconds = sum(attrs.get(f"seconds_{stage}", 0.0) for stage in ("score", "select", "finetune"))
+    # select includes scoring (scores are computed inside selection's passes); NaN: not measured.
+    stages = (attrs.get(f"seconds_{stage}", math.nan) for stage in ("select", "finetune", "record", "write"))
+    seconds = sum(value for value in stages if not math.isnan(value))
     keys = ("index", "criterion", "rule", "target_sparsity", "achieved_sparsity", "kept", "total",
             "threshold", "accuracy", "loss")
     return {**{key: attrs.get(key) for key in keys}, "seconds": seconds}

@@ -5,45 +5,55 @@
 config -> world -> model (+ dense training or checkpoint) -> plan -> for each round of the schedule:
 score -> select -> mask -> fine-tune -> record. Every rank runs this same function (SPMD); only
 rank 0 touches the archive, and what it reads from it reaches the other ranks through the World.
+
+With `model.name: checkpoint` there is no module and no training: the weights are read from a
+safetensors file tensor by tensor, and a round is score -> select -> record.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from hpcprune.archive import Archive, open_archive, state_path
-from hpcprune.config import RunConfig
+from hpcprune.archive import Archive, state_path
+from hpcprune.archive_reader import open_archive
+from hpcprune.config import CHECKPOINT_MODEL, RunConfig
 from hpcprune.data import Splits, load_data
 from hpcprune.finetune import evaluate, resolve_device, train
 from hpcprune.launch.ddp import wrap_for_training
-from hpcprune.masks import apply_masks, pack_mask, unpack_mask
+from hpcprune.mask_codec import EncodedMask, encode_mask
+from hpcprune.masks import apply_masks, unpack_mask
 from hpcprune.models import build_model, load_checkpoint, save_checkpoint
 from hpcprune.plan import Plan, make_plan
 from hpcprune.schedule import round_targets
-from hpcprune.scoring import ScoreContext, score_tensor
-from hpcprune.select import select
+from hpcprune.scoring import LazyScores, ScoreContext
+from hpcprune.select import Selection, select
+from hpcprune.weights import CheckpointWeights, ModelWeights, Weights
 from hpcprune.world import World
 
 log = logging.getLogger("hpcprune")
+
+PackedMasks = dict[str, np.ndarray]  # tensor name -> np.packbits of the flat bool mask (True = keep)
 
 
 @dataclass
 class RunResult:
     archive: str
-    dense_accuracy: float
+    dense_accuracy: float  # NaN without a model to evaluate
     final_accuracy: float
     target_sparsity: float
     achieved_sparsity: float
     kept: int
     total: int
-    model: nn.Module  # the pruned, fine-tuned model (plain module, masks applied)
+    model: nn.Module | None  # the pruned, fine-tuned model (plain module, masks applied)
 
 
 @dataclass
@@ -56,8 +66,42 @@ class ResumePoint:
     round_state: str | None = None  # model state after that round
 
 
+@dataclass
+class Job:
+    """What every stage of one run needs."""
+
+    config: RunConfig
+    world: World
+    path: Path  # the archive
+    device: torch.device
+    plan: Plan
+    weights: Weights
+    model: nn.Module | None = None  # None: masks only, from a checkpoint on disk
+    splits: Splits | None = None
+    masks: PackedMasks = field(default_factory=dict)  # every tensor's (module) or this rank's (checkpoint)
+
+
 def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = False) -> RunResult:
-    archive_path = Path(config.output.path)
+    job = _checkpoint_job(config, world) if config.model.name == CHECKPOINT_MODEL else _model_job(config, world)
+    point = _open_archive(job, resume=resume, force=force)
+    dense_accuracy = _dense_model(job, point) if job.model is not None else math.nan
+    job.masks = _resume_masks(job, point)
+
+    targets = round_targets(config.schedule, config.prune.sparsity)
+    accuracy = dense_accuracy
+    for round_index in range(point.last_round + 1, len(targets) + 1):
+        accuracy = _prune_round(job, round_index, len(targets), targets[round_index - 1])
+    if point.last_round == len(targets) and job.model is not None:
+        accuracy = evaluate(job.model, job.splits.test, world=world, device=job.device,
+                            batch_size=config.data.eval_batch_size)[1]
+
+    kept = int(world.allreduce_sum(np.array([_kept(job)], dtype=np.int64))[0])
+    world.barrier()
+    return RunResult(str(job.path), dense_accuracy, accuracy, config.prune.sparsity,
+                     1.0 - kept / job.plan.total, kept, job.plan.total, job.model)
+
+
+def _model_job(config: RunConfig, world: World) -> Job:
     device = resolve_device(config.device, local_rank=world.local_rank)
     torch.manual_seed(config.seed)
     splits = load_data(config.data, config.seed)
@@ -65,217 +109,240 @@ def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = 
     if config.model.checkpoint:  # before the archive exists, so a bad checkpoint leaves nothing behind
         load_checkpoint(model, config.model.checkpoint)
     model.to(device)
-    plan = make_plan(model, config.prune, world.size)
+    return Job(config, world, Path(config.output.path), device, make_plan(model, config.prune, world.size),
+               ModelWeights(model), model, splits)
 
-    point = _open_archive(config, model, world, archive_path, resume=resume, force=force)
-    dense_accuracy = _dense_model(config, model, splits, world, device, archive_path, point)
-    masks = _resume_masks(model, plan, world, archive_path, point)
 
-    targets = round_targets(config.schedule, config.prune.sparsity)
-    accuracy = dense_accuracy
-    for round_index in range(point.last_round + 1, len(targets) + 1):
-        masks, accuracy = _prune_round(config, model, plan, masks, splits, world, device, archive_path,
-                                       round_index, len(targets), targets[round_index - 1])
-    if point.last_round == len(targets) and point.last_round:
-        accuracy = _test_accuracy(config, model, splits, world, device)
-
-    kept = sum(int(mask.sum()) for mask in masks.values())
-    result = RunResult(str(archive_path), dense_accuracy, accuracy, config.prune.sparsity,
-                       1.0 - kept / plan.total, kept, plan.total, model)
-    world.barrier()
-    return result
+def _checkpoint_job(config: RunConfig, world: World) -> Job:
+    weights = CheckpointWeights(config.model.checkpoint)
+    plan = make_plan(weights.prunable(), config.prune, world.size)
+    return Job(config, world, Path(config.output.path), torch.device("cpu"), plan, weights)
 
 
 # --- archive bookkeeping (rank 0) -------------------------------------------------------------
 
 
-def _open_archive(config: RunConfig, model: nn.Module, world: World, path: Path, *, resume: bool, force: bool) -> ResumePoint:
+def _open_archive(job: Job, *, resume: bool, force: bool) -> ResumePoint:
     """Create the archive, or reopen it to resume; every rank learns the resume point."""
     point = ResumePoint()
-    if world.is_root:
-        if resume and path.exists():
-            archive = Archive.open_resume(path, config_yaml=config.to_yaml(), world_size=world.size)
-            point = _read_resume_point(path, archive)
-            log.info("resuming %s after round %d", path, point.last_round)
+    if job.world.is_root:
+        config_yaml = job.config.to_yaml()
+        if resume and job.path.exists():
+            archive = Archive.open_resume(job.path, config_yaml=config_yaml, world_size=job.world.size)
+            point = _read_resume_point(job.path, archive)
+            log.info("resuming %s after round %d", job.path, point.last_round)
         else:
-            params = [(name, tuple(p.shape), name in _prunable_names(model, config)) for name, p in model.named_parameters()]
-            Archive.create(path, config_yaml=config.to_yaml(), model_name=config.model.name, params=params,
-                           world_size=world.size, backend=world.name, force=force)
-    shared = world.broadcast_bytes(json.dumps(asdict(point)).encode() if world.is_root else None)
+            Archive.create(job.path, config_yaml=config_yaml, model_name=job.config.model.name,
+                           params=_param_table(job), world_size=job.world.size, backend=job.world.name, force=force)
+    shared = job.world.broadcast_bytes(json.dumps(asdict(point)).encode() if job.world.is_root else None)
     return ResumePoint(**json.loads(shared))
 
 
-def _prunable_names(model: nn.Module, config: RunConfig) -> set[str]:
-    return {spec.name for spec in make_plan(model, config.prune, 1).tensors}
+def _param_table(job: Job) -> list[tuple[str, tuple[int, ...], bool]]:
+    prunable = {spec.name for spec in job.plan.tensors}
+    if job.model is None:
+        return [(name, shape, name in prunable) for name, shape in job.weights.shapes.items()]
+    return [(name, tuple(p.shape), name in prunable) for name, p in job.model.named_parameters()]
 
 
 def _read_resume_point(path: Path, archive: Archive) -> ResumePoint:
     reader = open_archive(path)
     rounds = archive.completed_rounds()
-    dense = reader.dense or {}
-    checkpoint = reader.checkpoint or {}
+    dense = reader.dense if archive.dense_done() else {}
     return ResumePoint(
-        dense_state=dense.get("state_file") if archive.dense_done() else None,
-        dense_accuracy=dense.get("accuracy") if archive.dense_done() else None,
+        dense_state=dense.get("state_file"),
+        dense_accuracy=dense.get("accuracy"),
         last_round=max(rounds, default=0),
-        round_state=checkpoint.get("state_file") if rounds else None,
+        round_state=(reader.checkpoint or {}).get("state_file") if rounds else None,
     )
 
 
 # --- dense model -----------------------------------------------------------------------------
 
 
-def _dense_model(config: RunConfig, model: nn.Module, splits: Splits, world: World, device: torch.device,
-                 path: Path, point: ResumePoint) -> float:
+def _dense_model(job: Job, point: ResumePoint) -> float:
     """Bring the model to its dense starting point: recorded state, checkpoint, or dense training."""
+    config, world = job.config, job.world
     if point.dense_state is not None:
-        load_checkpoint(model, str(_beside(path, point.dense_state)))
+        load_checkpoint(job.model, point.dense_state)
         return float(point.dense_accuracy)
     started = time.perf_counter()
     history = []
     if not config.model.checkpoint and config.pretrain.epochs:
         log.info("no checkpoint given: training the dense model for %d epochs", config.pretrain.epochs)
-        history = _train(config, config.pretrain, model, splits, world, device, masks=None, seed=config.seed, label="dense")
-    loss, accuracy = evaluate(model, splits.test, world=world, device=device, batch_size=config.data.eval_batch_size)
+        history = _train(job, config.pretrain, masks=None, seed=config.seed, label="dense")
+    loss, accuracy = _test(job)
     log.info("dense model: test accuracy %.2f %%", 100 * accuracy)
     if world.is_root:
-        state_file = state_path(path, "dense")
-        save_checkpoint(model, str(state_file))
-        Archive.at(path).write_dense(accuracy=accuracy, loss=loss, seconds=time.perf_counter() - started,
-                                     history=[asdict(record) for record in history],
-                                     state_file=str(state_file.relative_to(path.parent)))
+        state_file = state_path(job.path, "dense")
+        save_checkpoint(job.model, str(state_file))
+        Archive.at(job.path).write_dense(accuracy=accuracy, loss=loss, seconds=time.perf_counter() - started,
+                                         history=[asdict(record) for record in history],
+                                         state_file=str(state_file.relative_to(job.path.parent)))
     world.barrier()
     return accuracy
 
 
-def _resume_masks(model: nn.Module, plan: Plan, world: World, path: Path, point: ResumePoint) -> dict[str, torch.Tensor]:
-    """All-keep masks for a fresh run; the last complete round's masks and weights on resume."""
+def _resume_masks(job: Job, point: ResumePoint) -> PackedMasks:
+    """Nothing pruned for a fresh run; the last complete round's masks (and weights) on resume."""
     if not point.last_round:
-        return {spec.name: torch.ones(spec.shape, dtype=torch.bool) for spec in plan.tensors}
-    load_checkpoint(model, str(_beside(path, point.round_state)))
-    packed = _root_masks_bytes(path, point.last_round) if world.is_root else None
-    return _decode_masks(world.broadcast_bytes(packed), plan)
-
-
-def _root_masks_bytes(path: Path, round_index: int) -> bytes:
-    masks = open_archive(path).read_masks(round_index)
-    return _encode_masks({name: mask for name, mask in masks.items()})
+        return {}
+    if job.model is not None:
+        load_checkpoint(job.model, point.round_state)
+    packed = _encode_masks(open_archive(job.path).read_packed_masks(point.last_round)) if job.world.is_root else None
+    masks = _decode_masks(job.world.broadcast_bytes(packed))
+    return masks if job.model is not None else {spec.name: masks[spec.name] for spec in job.plan.local(job.world.rank)}
 
 
 # --- one round: score -> select -> mask -> fine-tune -> record -------------------------------
 
 
-def _prune_round(config: RunConfig, model: nn.Module, plan: Plan, masks: dict[str, torch.Tensor], splits: Splits,
-                 world: World, device: torch.device, path: Path, round_index: int, rounds: int, target: float):
+def _prune_round(job: Job, round_index: int, rounds: int, target: float) -> float:
+    config, world = job.config, job.world
     log.info("round %d/%d: pruning to %.2f %% (%s, %s)", round_index, rounds, 100 * target,
              config.prune.criterion, config.prune.rule)
-    seconds = {}
     started = time.perf_counter()
-    scores = _score_local(config, model, plan, masks, world)
-    seconds["score"] = time.perf_counter() - started
+    # Scores are computed lazily inside selection, one tensor at a time, so score and select
+    # share one timer; selection reports how long its own passes took.
+    scores = LazyScores(config.prune.criterion, job.plan.local(world.rank), job.weights,
+                        ScoreContext(seed=config.seed), previous=job.masks)
+    selection = select(config.prune.rule, scores, job.plan, world, sparsity=target, threshold=config.prune.threshold)
+    seconds = {"select": time.perf_counter() - started}
 
     started = time.perf_counter()
-    selection = select(config.prune.rule, scores, plan, world, sparsity=target, threshold=config.prune.threshold)
-    del scores  # scores are only needed to choose; free them before training
-    masks = _share_masks(selection.masks, plan, world)
-    seconds["select"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    apply_masks(model, masks)
-    history = _train(config, config.finetune, model, splits, world, device, masks=masks,
-                     seed=config.seed + round_index, label=f"round {round_index}")
-    loss, accuracy = evaluate(model, splits.test, world=world, device=device, batch_size=config.data.eval_batch_size)
+    job.masks = _share_masks(selection.masks, world) if job.model is not None else dict(selection.masks)
+    accuracy, loss, history = math.nan, math.nan, []
+    if job.model is not None:
+        masks = _bool_masks(job)
+        apply_masks(job.model, masks)
+        history = _train(job, config.finetune, masks=masks, seed=config.seed + round_index, label=f"round {round_index}")
+        loss, accuracy = _test(job)
     seconds["finetune"] = time.perf_counter() - started
 
     achieved = 1.0 - selection.kept / selection.total
     log.info("round %d/%d: sparsity %.4f %% (%d of %d kept), test accuracy %.2f %%", round_index, rounds,
              100 * achieved, selection.kept, selection.total, 100 * accuracy)
+    started = time.perf_counter()
+    local = {spec.name: job.masks[spec.name] for spec in job.plan.local(world.rank)}
+    encoded = _gather_encoded(local, world)  # compressed by the rank that owns each tensor
     if world.is_root:
-        _record_round(config, model, masks, path, round_index, target, selection, accuracy, loss, seconds, history)
+        _record_round(job, encoded, round_index, target, selection, accuracy, loss, seconds, history, started)
     world.barrier()
-    return masks, accuracy
+    return accuracy
 
 
-def _score_local(config: RunConfig, model: nn.Module, plan: Plan, masks: dict[str, torch.Tensor], world: World):
-    """Scores of this rank's tensors; weights pruned in earlier rounds get -inf so they stay pruned."""
-    parameters = dict(model.named_parameters())
-    context = ScoreContext(seed=config.seed)
-    scores = {}
-    for spec in plan.local(world.rank):
-        score = score_tensor(config.prune.criterion, spec, parameters[spec.name], context).cpu()
-        scores[spec.name] = score.masked_fill_(~masks[spec.name], float("-inf"))
-    return scores
-
-
-def _share_masks(local: dict[str, torch.Tensor], plan: Plan, world: World) -> dict[str, torch.Tensor]:
+def _share_masks(local: PackedMasks, world: World) -> PackedMasks:
     """Every rank needs every mask to train the full model: gather packed bits on rank 0, broadcast."""
+    merged = _gather_masks(local, world)
+    return local if world.size == 1 else _decode_masks(world.broadcast_bytes(_encode_masks(merged) if world.is_root else None))
+
+
+def _gather_masks(local: PackedMasks, world: World) -> PackedMasks | None:
+    """All ranks' packed masks on rank 0 (None elsewhere): numel/8 bytes per tensor."""
     if world.size == 1:
-        return dict(local)
+        return local
     gathered = world.gather_bytes(_encode_masks(local))
-    merged = None
-    if world.is_root:
-        merged = {}
-        for chunk in gathered:
-            merged.update(_decode_masks(chunk, plan))
-        merged = _encode_masks({spec.name: merged[spec.name] for spec in plan.tensors})
-    return _decode_masks(world.broadcast_bytes(merged), plan)
+    if gathered is None:
+        return None
+    merged: PackedMasks = {}
+    for chunk in gathered:
+        merged.update(_decode_masks(chunk))
+    return merged
 
 
-def _encode_masks(masks: dict[str, torch.Tensor]) -> bytes:
+def _gather_encoded(local: PackedMasks, world: World) -> dict[str, tuple[EncodedMask, int]] | None:
+    """This rank's masks compressed and checksummed here, gathered on rank 0 with their kept counts."""
+    header, blobs = [], []
+    for name, packed in local.items():
+        encoded = encode_mask(packed)
+        header.append([name, encoded.nbytes, encoded.chunk_bytes, [len(c) for c in encoded.chunks],
+                       int(np.unpackbits(packed).sum())])
+        blobs += encoded.chunks
+    gathered = world.gather_bytes(json.dumps(header).encode() + b"\n" + b"".join(blobs))
+    if gathered is None:
+        return None
+    masks = {}
+    for data in gathered:
+        header_line, _, body = data.partition(b"\n")
+        offset = 0
+        for name, nbytes, chunk_bytes, lengths, kept in json.loads(header_line):
+            chunks = []
+            for length in lengths:
+                chunks.append(body[offset:offset + length])
+                offset += length
+            masks[name] = (EncodedMask(nbytes, chunk_bytes, chunks), kept)
+    return masks
+
+
+def _encode_masks(masks: PackedMasks) -> bytes:
     """Packed masks as bytes: a JSON header line (names, byte counts) then the packed bits."""
-    packed = {name: pack_mask(mask).tobytes() for name, mask in masks.items()}
-    header = json.dumps([[name, len(data)] for name, data in packed.items()]).encode()
-    return header + b"\n" + b"".join(packed.values())
+    header = json.dumps([[name, int(packed.nbytes)] for name, packed in masks.items()]).encode()
+    return header + b"\n" + b"".join(np.ascontiguousarray(packed).tobytes() for packed in masks.values())
 
 
-def _decode_masks(data: bytes, plan: Plan) -> dict[str, torch.Tensor]:
-    import numpy as np
-
+def _decode_masks(data: bytes) -> PackedMasks:
     header, _, body = data.partition(b"\n")
     masks, offset = {}, 0
     for name, size in json.loads(header):
-        bits = np.frombuffer(body, dtype=np.uint8, count=size, offset=offset)
-        masks[name] = unpack_mask(bits, plan.by_name(name).shape)
+        masks[name] = np.frombuffer(body, dtype=np.uint8, count=size, offset=offset)
         offset += size
     return masks
 
 
-def _record_round(config, model, masks, path, round_index, target, selection, accuracy, loss, seconds, history):
-    state_file = state_path(path, f"round-{round_index:04d}")
-    save_checkpoint(model, str(state_file))
-    relative_state = str(state_file.relative_to(path.parent))
-    packed = {name: (pack_mask(mask), tuple(mask.shape), int(mask.sum())) for name, mask in masks.items()}
-    layers = [dict(name=name, numel=mask.numel(), kept=kept, sparsity=1.0 - kept / mask.numel())
-              for name, mask in masks.items() for kept in [int(mask.sum())]]
+def _record_round(job, masks: dict[str, tuple[EncodedMask, int]], round_index, target, selection: Selection, accuracy, loss, seconds, history, started):
+    relative_state = ""
+    if job.model is not None:
+        state_file = state_path(job.path, f"round-{round_index:04d}")
+        save_checkpoint(job.model, str(state_file))
+        relative_state = str(state_file.relative_to(job.path.parent))
+    layers, packed = [], {}
+    for spec in job.plan.tensors:  # global order, whichever rank scored the tensor
+        encoded, kept = masks[spec.name]
+        packed[spec.name] = (encoded, spec.shape, kept)
+        layers.append(dict(name=spec.name, numel=spec.numel, kept=kept, sparsity=1.0 - kept / spec.numel))
     attrs = dict(
-        criterion=config.prune.criterion, rule=config.prune.rule, target_sparsity=target,
+        criterion=job.config.prune.criterion, rule=job.config.prune.rule, target_sparsity=target,
         achieved_sparsity=1.0 - selection.kept / selection.total,
-        threshold=float("nan") if selection.threshold is None else selection.threshold,
+        threshold=math.nan if selection.threshold is None else selection.threshold,
         kept=selection.kept, total=selection.total, accuracy=accuracy, loss=loss,
-        seconds_score=seconds["score"], seconds_select=seconds["select"], seconds_finetune=seconds["finetune"],
-        state_file=relative_state,
+        seconds_select=seconds["select"], seconds_finetune=seconds["finetune"],
+        seconds_record=time.perf_counter() - started, state_file=relative_state,
     )
-    archive = Archive.at(path)
-    archive.write_round(round_index, attrs=attrs, masks=packed, layers=layers,
-                        history=[asdict(record) for record in history])
+    archive = Archive.at(job.path)
+    archive.write_round(round_index, attrs=attrs,
+                        masks=packed, layers=layers, history=[asdict(record) for record in history])
     archive.mark_checkpoint(round_index, relative_state)
 
 
 # --- small helpers ---------------------------------------------------------------------------
 
 
-def _train(config, train_config, model, splits, world, device, *, masks, seed, label):
+def _bool_masks(job: Job) -> dict[str, torch.Tensor]:
+    return {spec.name: unpack_mask(job.masks[spec.name], spec.shape) for spec in job.plan.tensors}
+
+
+def _count_kept(packed: np.ndarray, numel: int) -> int:
+    return int(np.unpackbits(packed, count=numel).sum())
+
+
+def _kept(job: Job) -> int:
+    """Kept weights this rank knows of (module: all masks on every rank, so rank 0 counts them)."""
+    if job.model is not None and not job.world.is_root:
+        return 0
+    local = job.plan.tensors if job.model is not None else job.plan.local(job.world.rank)
+    return sum(_count_kept(job.masks[spec.name], spec.numel) if spec.name in job.masks else spec.numel for spec in local)
+
+
+def _train(job: Job, train_config, *, masks, seed, label):
     if not train_config.epochs:
         return []
-    model = wrap_for_training(model, world, device)
-    return train(model, splits.train, splits.validation, train_config, world=world, device=device, seed=seed,
-                 batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size, masks=masks,
-                 progress=config.progress, describe=label)
+    config = job.config
+    model = wrap_for_training(job.model, job.world, job.device)
+    return train(model, job.splits.train, job.splits.validation, train_config, world=job.world, device=job.device,
+                 seed=seed, batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
+                 masks=masks, progress=config.progress, describe=label)
 
 
-def _test_accuracy(config, model, splits, world, device) -> float:
-    return evaluate(model, splits.test, world=world, device=device, batch_size=config.data.eval_batch_size)[1]
-
-
-def _beside(archive_path: Path, relative: str) -> Path:
-    return archive_path.parent / relative
+def _test(job: Job) -> tuple[float, float]:
+    return evaluate(job.model, job.splits.test, world=job.world, device=job.device,
+                    batch_size=job.config.data.eval_batch_size)

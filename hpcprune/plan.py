@@ -47,22 +47,23 @@ class Plan:
         return next(spec for spec in self.tensors if spec.name == name)
 
 
-def prunable_tensors(model: nn.Module, prune: PruneConfig) -> tuple[TensorSpec, ...]:
-    """Weights of Linear/Conv modules, minus the excluded names, in `named_parameters` order."""
+def module_candidates(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Weights of Linear/Conv modules, in `named_parameters` order."""
     weights = {
         f"{module_name}.weight" if module_name else "weight"
         for module_name, module in model.named_modules()
         if isinstance(module, PRUNABLE_MODULES)
     }
-    names = [
-        name
-        for name, _ in model.named_parameters()
-        if name in weights and not any(fnmatch.fnmatchcase(name, pattern) for pattern in prune.exclude)
-    ]
-    if not names:
+    return [(name, tuple(parameter.shape)) for name, parameter in model.named_parameters() if name in weights]
+
+
+def prunable_tensors(candidates: list[tuple[str, tuple[int, ...]]], prune: PruneConfig) -> tuple[TensorSpec, ...]:
+    """The candidates minus the excluded names, numbered in order."""
+    kept = [(name, shape) for name, shape in candidates
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in prune.exclude)]
+    if not kept:
         raise UsageError(f"model has no prunable tensors (Linear/Conv weights) after prune.exclude={prune.exclude}")
-    shapes = dict(model.named_parameters())
-    return tuple(TensorSpec(index, name, tuple(shapes[name].shape)) for index, name in enumerate(names))
+    return tuple(TensorSpec(index, name, shape) for index, (name, shape) in enumerate(kept))
 
 
 def assign_owners(tensors: tuple[TensorSpec, ...], world_size: int) -> tuple[int, ...]:
@@ -76,6 +77,8 @@ def assign_owners(tensors: tuple[TensorSpec, ...], world_size: int) -> tuple[int
     return tuple(owners)
 
 
-def make_plan(model: nn.Module, prune: PruneConfig, world_size: int) -> Plan:
-    tensors = prunable_tensors(model, prune)
+def make_plan(model: nn.Module | list[tuple[str, tuple[int, ...]]], prune: PruneConfig, world_size: int) -> Plan:
+    """Plan for a model's Linear/Conv weights, or for an explicit list of (name, shape) candidates."""
+    candidates = module_candidates(model) if isinstance(model, nn.Module) else model
+    tensors = prunable_tensors(candidates, prune)
     return Plan(tensors, assign_owners(tensors, world_size))

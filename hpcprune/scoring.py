@@ -8,11 +8,13 @@ only its own tensor (plus a context), so any rank can score any tensor and get t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from hpcprune.masks import unpack_mask
 from hpcprune.plan import TensorSpec
 
 
@@ -55,3 +57,31 @@ def score_tensor(criterion: str, spec: TensorSpec, weight: torch.Tensor, context
     scores = CRITERIA[criterion](spec, weight, context)
     assert scores.shape == weight.shape and scores.dtype == torch.float32, f"criterion {criterion} broke its contract"
     return scores
+
+
+class LazyScores(Mapping[str, torch.Tensor]):
+    """This rank's scores, computed on access and never cached.
+
+    Selection reads each tensor's scores once per pass and lets go of them before the next tensor,
+    so only one score tensor is alive at a time: memory follows the largest tensor, not the model.
+    Weights pruned in an earlier round (False in `previous`) score -inf, so they stay pruned.
+    """
+
+    def __init__(self, criterion: str, specs: list[TensorSpec], weights, context: ScoreContext,
+                 previous: Mapping[str, np.ndarray] | None = None):
+        self._criterion, self._weights, self._context = criterion, weights, context
+        self._specs = {spec.name: spec for spec in specs}
+        self._previous = previous or {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        spec = self._specs[name]
+        scores = score_tensor(self._criterion, spec, self._weights.get(name), self._context).cpu()
+        if name in self._previous:
+            scores.masked_fill_(~unpack_mask(self._previous[name], spec.shape), float("-inf"))
+        return scores
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)

@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(dataset-fashion-mnist)
+# Real data, and a real MPI for the distributed tests (mpirun, and mpi4py builds against it).
+SYSTEM_PACKAGES=(dataset-fashion-mnist openmpi-bin libopenmpi-dev)
 missing=()
 for package in "${SYSTEM_PACKAGES[@]}"; do dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -18,7 +19,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 python -c 'import torch' 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,plot]"
+python -m pip install -q -e ".[test,plot,mpi]"
+
+# Open MPI refuses to run as root, and more ranks than cores, unless told (CI is root on 2 cores).
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 
 status=0
 python -m pytest "$@" || status=$?

@@ -165,3 +165,19 @@ def test_mpirun_cli_end_to_end_with_ddp(mpirun, tmp_path):
     assert finished.stdout.count("75.0000 % achieved") == 1  # only rank 0 prints the summary
     with h5py.File(out, "r") as archive:
         assert [archive[f"rounds/{r:04d}"].attrs["status"] for r in (1, 2, 3)] == ["complete"] * 3
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_checkpoint_mode_reads_only_own_tensors_and_gives_the_same_masks(mpirun, single_process_masks, tmp_path, ranks):
+    """Masks-only from a safetensors file (each rank reads its own tensors) equal the module run's."""
+    weights = single_process_masks / "magnitude-global.states" / "dense.safetensors"
+    out = tmp_path / "masks.h5"
+    cli = [sys.executable, "-m", "hpcprune", "prune", "--config", str(CONFIGS / "oneshot_global.yaml"), "--out", str(out),
+           "--set", "model.name=checkpoint", "--set", f"model.checkpoint={weights}"]
+    finished = launch(cli if ranks == 1 else [mpirun, "-n", str(ranks), *cli])
+    assert finished.returncode == 0, finished.stderr
+    ours, theirs = archive_masks(out, 1), archive_masks(single_process_masks / "magnitude-global.h5", 1)
+    assert sorted(ours) == sorted(theirs)
+    assert all(np.array_equal(ours[name], theirs[name]) for name in ours)
+    with h5py.File(out, "r") as archive:
+        assert archive.attrs["world_size"] == ranks and archive["model"].attrs["name"] == "checkpoint"

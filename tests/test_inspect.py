@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import h5py
+import pytest
 import torch
 
 from hpcprune.archive import Archive
@@ -28,7 +30,7 @@ def make_run(path) -> dict[int, dict[str, torch.Tensor]]:
         attrs = dict(criterion="magnitude", rule="global", target_sparsity=1 - density,
                      achieved_sparsity=1 - sum(kept.values()) / total, threshold=None if index == 1 else 0.125,
                      kept=sum(kept.values()), total=total, accuracy=0.9 - 0.01 * index, loss=0.3,
-                     seconds_score=1.0, seconds_select=2.0, seconds_finetune=3.0, state_file=None)
+                     seconds_select=1.0, seconds_finetune=2.0, seconds_record=3.0, state_file=None)
         archive.write_round(index, attrs=attrs,
                             masks={name: (pack_mask(mask), mask.shape, kept[name]) for name, mask in masks.items()},
                             layers=[dict(name=name, numel=mask.numel(), kept=kept[name],
@@ -49,7 +51,9 @@ def test_summary_has_the_recorded_figures(tmp_path):
     assert [r["index"] for r in facts["rounds"]] == [1, 2]
     assert facts["rounds"][0]["threshold"] is None and facts["rounds"][1]["threshold"] == 0.125
     assert facts["rounds"][1]["kept"] == sum(int(m.sum()) for m in masks[2].values())
-    assert facts["rounds"][1]["seconds"] == 6.0
+    with h5py.File(path, "r") as file:
+        written = float(file["rounds/0002"].attrs["seconds_write"])  # measured by the archive itself
+    assert facts["rounds"][1]["seconds"] == pytest.approx(6.0 + written)
     last = {layer["name"]: layer for layer in facts["layers"]}
     assert last["fc1.weight"]["shape"] == "30x20" and last["fc1.weight"]["kept"] == int(masks[2]["fc1.weight"].sum())
 

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pytest
@@ -14,8 +16,9 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from hpcprune import select as selection_module
+from hpcprune.masks import pack_mask, unpack_mask
 from hpcprune.plan import Plan, TensorSpec, assign_owners
-from hpcprune.select import RULES, prune_count, select
+from hpcprune.select import RULES, Selection, prune_count, select
 from hpcprune.world import SingleWorld, World
 
 SHAPES = ((40, 30), (8, 3, 3, 3), (10, 40), (7,))
@@ -55,11 +58,62 @@ def reference_masks(plan: Plan, scores: dict[str, torch.Tensor], k: int) -> dict
     return masks
 
 
+def unpacked(chosen: Selection) -> dict[str, torch.Tensor]:
+    """The selection's packed masks as bool tensors, after checking they are exactly pack_mask's bytes."""
+    assert chosen.masks.keys() == chosen.shapes.keys()
+    masks = {}
+    for name, packed in chosen.masks.items():
+        numel = int(np.prod(chosen.shapes[name]))
+        assert isinstance(packed, np.ndarray) and packed.dtype == np.uint8 and packed.shape == ((numel + 7) // 8,), name
+        masks[name] = unpack_mask(packed, chosen.shapes[name])
+        assert np.array_equal(pack_mask(masks[name]), packed), name  # padding bits of the last byte are 0
+    return masks
+
+
 def assert_same_masks(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert got.keys() == expected.keys()
     for name, mask in expected.items():
         assert got[name].dtype == torch.bool and got[name].shape == mask.shape, name
         assert torch.equal(got[name], mask), name
+
+
+class LazyScores(Mapping[str, torch.Tensor]):
+    """Scores made afresh on every access and never cached; counts reads and watches the tensors' lifetimes.
+
+    Each tensor is built on a fresh numpy buffer, which its storage keeps alive: a weak reference to
+    the buffer therefore sees every view (reshape, detach, slices, .numpy()) that still holds the scores.
+    """
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        self._values = values
+        self.reads = dict.fromkeys(values, 0)
+        self._handed_out: list[weakref.ref] = []
+        self.most_alive = 0  # most score buffers alive at once, counted as each new one is handed out
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        buffer = self._values[name].numpy().copy()
+        self.reads[name] += 1
+        self._handed_out.append(weakref.ref(buffer))
+        self.most_alive = max(self.most_alive, self.alive())
+        return torch.from_numpy(buffer)
+
+    def alive(self) -> int:
+        return sum(ref() is not None for ref in self._handed_out)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+@pytest.fixture
+def two_threads():
+    """Worker threads on (the default on the 2-core CI machine, made explicit so the threaded path runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 class ThreadWorld(World):
@@ -122,7 +176,7 @@ def select_on_ranks(rule: str, plan_shapes, scores, size: int, **options):
         return select(rule, mine, plan, world, **options)
 
     selections = run_ranks(size, job)
-    merged = {name: mask for chosen in selections for name, mask in chosen.masks.items()}
+    merged = {name: mask for chosen in selections for name, mask in unpacked(chosen).items()}
     return merged, selections
 
 
@@ -149,15 +203,16 @@ def test_global_prunes_exactly_k_smallest(sparsity):
     plan = make_plan()
     scores = random_scores(plan)
     chosen = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
+    masks = unpacked(chosen)
     k = prune_count(sparsity, plan.total)
     assert chosen.total == plan.total
-    assert chosen.kept == plan.total - k == sum(int(mask.sum()) for mask in chosen.masks.values())
-    assert_same_masks(chosen.masks, reference_masks(plan, scores, k))
+    assert chosen.kept == plan.total - k == sum(int(mask.sum()) for mask in masks.values())
+    assert_same_masks(masks, reference_masks(plan, scores, k))
     if k == 0:
         assert chosen.threshold is None
     else:
-        pruned = torch.cat([scores[name][~mask] for name, mask in chosen.masks.items()])
-        kept = torch.cat([scores[name][mask] for name, mask in chosen.masks.items()])
+        pruned = torch.cat([scores[name][~mask] for name, mask in masks.items()])
+        kept = torch.cat([scores[name][mask] for name, mask in masks.items()])
         assert chosen.threshold == float(pruned.max())
         assert kept.numel() == 0 or float(kept.min()) >= chosen.threshold
 
@@ -183,8 +238,9 @@ def test_global_equals_torch_global_unstructured(sparsity):
 
     modules = [model[0], model[2], model[3]]
     torch_prune.global_unstructured([(m, "weight") for m in modules], torch_prune.L1Unstructured, amount=sparsity)
+    masks = unpacked(chosen)
     for spec, module in zip(tensors, modules):
-        assert torch.equal(chosen.masks[spec.name], module.weight_mask.bool()), spec.name
+        assert torch.equal(masks[spec.name], module.weight_mask.bool()), spec.name
 
 
 def test_global_all_equal_scores_prunes_earliest_positions():
@@ -192,7 +248,8 @@ def test_global_all_equal_scores_prunes_earliest_positions():
     scores = {spec.name: torch.ones(spec.shape) for spec in plan.tensors}
     k = prune_count(0.6, plan.total)
     chosen = select("global", scores, plan, SingleWorld(), sparsity=0.6)
-    flat = torch.cat([chosen.masks[spec.name].reshape(-1) for spec in plan.tensors])
+    masks = unpacked(chosen)
+    flat = torch.cat([masks[spec.name].reshape(-1) for spec in plan.tensors])
     assert not flat[:k].any() and flat[k:].all()
     assert chosen.threshold == 1.0 and chosen.kept == plan.total - k
 
@@ -202,7 +259,7 @@ def test_global_ties_broken_by_tensor_then_flat_index(sparsity):
     plan = make_plan()
     scores = random_scores(plan, seed=3, values=[0.5, 1.0, 2.0])
     chosen = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
-    assert_same_masks(chosen.masks, reference_masks(plan, scores, prune_count(sparsity, plan.total)))
+    assert_same_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(sparsity, plan.total)))
 
 
 def test_global_orders_negative_scores_and_signed_zeros():
@@ -211,14 +268,14 @@ def test_global_orders_negative_scores_and_signed_zeros():
     scores = random_scores(plan, seed=5, values=values)
     for sparsity in (0.05, 0.2, 0.35, 0.4, 0.5, 0.6, 0.95, 1.0):
         chosen = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
-        assert_same_masks(chosen.masks, reference_masks(plan, scores, prune_count(sparsity, plan.total)))
+        assert_same_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(sparsity, plan.total)))
 
 
 def test_global_signed_zero_threshold_is_positive_zero_and_ties_by_position():
     plan = make_plan(((4,),))
     scores = {"layer0.weight": torch.tensor([0.0, -0.0, -1.0, 0.0])}
     chosen = select("global", scores, plan, SingleWorld(), sparsity=0.5)
-    assert chosen.masks["layer0.weight"].tolist() == [False, True, False, True]
+    assert unpacked(chosen)["layer0.weight"].tolist() == [False, True, False, True]
     assert chosen.threshold == 0.0
 
 
@@ -232,10 +289,11 @@ def test_global_negative_infinity_is_always_pruned(sparsity):
         flat[::9] = float("-inf")  # pruned in an earlier round
         gone += flat[::9].numel()
     chosen = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
+    masks = unpacked(chosen)
     for spec in plan.tensors:
-        assert not chosen.masks[spec.name][scores[spec.name] == float("-inf")].any()
+        assert not masks[spec.name][scores[spec.name] == float("-inf")].any()
     assert chosen.kept == plan.total - max(gone, prune_count(sparsity, plan.total))
-    assert_same_masks(chosen.masks, reference_masks(plan, scores, prune_count(sparsity, plan.total)))
+    assert_same_masks(masks, reference_masks(plan, scores, prune_count(sparsity, plan.total)))
     if sparsity == 0.0:
         assert chosen.threshold == float("-inf")
 
@@ -252,7 +310,7 @@ def test_nan_scores_raise_value_error_naming_the_tensor(rule):
 def test_global_single_element_fully_pruned():
     plan = make_plan(((1,),))
     chosen = select("global", {"layer0.weight": torch.tensor([2.5])}, plan, SingleWorld(), sparsity=1.0)
-    assert chosen.masks["layer0.weight"].tolist() == [False] and chosen.threshold == 2.5 and chosen.kept == 0
+    assert unpacked(chosen)["layer0.weight"].tolist() == [False] and chosen.threshold == 2.5 and chosen.kept == 0
 
 
 # --- many ranks --------------------------------------------------------------------------------------
@@ -267,9 +325,9 @@ def test_global_masks_do_not_depend_on_world_size_or_owners(size, values):
 
     merged, selections = select_on_ranks("global", SHAPES, scores, size, sparsity=0.6)
 
-    assert_same_masks(merged, alone.masks)
+    assert_same_masks(merged, unpacked(alone))
     for rank, chosen in enumerate(selections):
-        assert set(chosen.masks) == {spec.name for spec in make_plan(SHAPES, size).local(rank)}
+        assert set(chosen.masks) == set(chosen.shapes) == {spec.name for spec in make_plan(SHAPES, size).local(rank)}
         assert (chosen.kept, chosen.threshold, chosen.total) == (alone.kept, alone.threshold, alone.total)
 
 
@@ -279,7 +337,7 @@ def test_other_rules_do_not_depend_on_world_size(rule):
     scores = random_scores(plan, seed=11, values=[0.1, 0.2, 0.3, 0.4])
     alone = select(rule, scores, plan, SingleWorld(), sparsity=0.5, threshold=0.2)
     merged, selections = select_on_ranks(rule, SHAPES, scores, 3, sparsity=0.5, threshold=0.2)
-    assert_same_masks(merged, alone.masks)
+    assert_same_masks(merged, unpacked(alone))
     assert all(chosen.kept == alone.kept for chosen in selections)
 
 
@@ -302,6 +360,105 @@ def test_nan_on_one_rank_raises_on_every_rank():
     assert any(bad in message for _, message in raised)
 
 
+# --- lazy scores and packed masks ----------------------------------------------------------------------
+
+READS_PER_TENSOR = {"global": 2, "layer": 1, "threshold": 1}  # passes that read a tensor's scores
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("values", [None, [0.5, 1.0, 2.0, float("-inf")]])
+def test_lazy_scores_are_read_once_per_pass_one_tensor_at_a_time(monkeypatch, two_threads, rule, values):
+    monkeypatch.setattr(selection_module, "CHUNK", 64)  # several chunks per tensor: the worker threads share them
+    plan = make_plan()
+    fixed = random_scores(plan, seed=23, values=values)
+    lazy = LazyScores(fixed)
+    chosen = select(rule, lazy, plan, SingleWorld(), sparsity=0.6, threshold=1.0)
+    assert 1 <= min(lazy.reads.values()) and max(lazy.reads.values()) <= READS_PER_TENSOR[rule]
+    assert lazy.most_alive == 1 and lazy.alive() == 0
+    eager = select(rule, fixed, plan, SingleWorld(), sparsity=0.6, threshold=1.0)
+    assert_same_masks(unpacked(chosen), unpacked(eager))
+    assert (chosen.kept, chosen.threshold) == (eager.kept, eager.threshold)
+
+
+@pytest.mark.parametrize("values, most_reads", [(None, 3), ([0.5, 1.0, 2.0], 4)])
+def test_global_reads_again_only_past_the_retain_limit(monkeypatch, two_threads, values, most_reads):
+    # With nothing retained, pass 3 rereads the tensors with elements in the boundary's bin, and pass 4
+    # those keeping some of their many ties; the masks stay exact.
+    monkeypatch.setattr(selection_module, "CHUNK", 64)
+    monkeypatch.setattr(selection_module, "RETAIN_LIMIT", 0)
+    plan = make_plan()
+    fixed = random_scores(plan, seed=29, values=values)
+    lazy = LazyScores(fixed)
+    chosen = select("global", lazy, plan, SingleWorld(), sparsity=0.45)
+    assert max(lazy.reads.values()) == most_reads
+    assert lazy.most_alive == 1 and lazy.alive() == 0
+    assert_same_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
+
+
+def test_lazy_scores_on_many_ranks_agree_with_one_process(monkeypatch):
+    monkeypatch.setattr(selection_module, "CHUNK", 16)
+    plan = make_plan(SHAPES, 3)
+    fixed = random_scores(plan, seed=31, values=[0.25, 1.0, -1.0, 0.0])
+    alone = select("global", fixed, make_plan(), SingleWorld(), sparsity=0.55)
+
+    def job(world):
+        lazy = LazyScores({spec.name: fixed[spec.name] for spec in plan.local(world.rank)})
+        return select("global", lazy, plan, world, sparsity=0.55), lazy
+
+    results = run_ranks(3, job)
+    merged = {name: mask for chosen, _ in results for name, mask in unpacked(chosen).items()}
+    assert_same_masks(merged, unpacked(alone))
+    for chosen, lazy in results:
+        assert max(lazy.reads.values(), default=0) <= 2 and lazy.most_alive <= 1 and lazy.alive() == 0
+        assert (chosen.kept, chosen.threshold) == (alone.kept, alone.threshold)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_masks_are_packed_bits_of_the_flat_mask(rule):
+    shapes = ((3, 5), (7,), (2, 2, 2), (1,), (4, 9))  # 15, 7, 8, 1 and 36 elements: padded last bytes and none
+    plan = make_plan(shapes)
+    scores = random_scores(plan, seed=37)
+    chosen = select(rule, scores, plan, SingleWorld(), sparsity=0.5, threshold=0.0)
+    assert chosen.shapes == {spec.name: spec.shape for spec in plan.tensors}
+    for spec in plan.tensors:
+        packed = chosen.masks[spec.name]
+        assert packed.dtype == np.uint8 and packed.shape == ((spec.numel + 7) // 8,)
+        bits = np.unpackbits(packed, bitorder="big")
+        assert not bits[spec.numel :].any()  # padding bits are 0, as np.packbits leaves them
+        assert torch.equal(unpack_mask(packed, spec.shape), unpacked(chosen)[spec.name])
+    if rule == "threshold":
+        assert_same_masks(unpacked(chosen), {name: score > 0.0 for name, score in scores.items()})
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0])
+def test_nothing_or_everything_pruned_gives_full_or_empty_packed_masks(sparsity):
+    plan = make_plan(((3, 5), (7,), (8,)))
+    chosen = select("global", random_scores(plan, seed=41), plan, SingleWorld(), sparsity=sparsity)
+    for spec in plan.tensors:
+        expected = torch.full(spec.shape, sparsity == 0.0)
+        assert np.array_equal(chosen.masks[spec.name], pack_mask(expected)), spec.name
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_wrong_scores_on_one_rank_raise_on_every_rank(rule):
+    plan = make_plan(SHAPES, 2)
+    scores = random_scores(plan)
+    bad = plan.local(1)[0].name
+    scores[bad] = scores[bad].double()
+    raised = []
+
+    def job(world):
+        mine = {spec.name: scores[spec.name] for spec in plan.local(world.rank)}
+        try:
+            select(rule, mine, plan, world, sparsity=0.5, threshold=0.0)
+        except ValueError as error:
+            raised.append((world.rank, str(error)))
+
+    run_ranks(2, job)
+    assert sorted(rank for rank, _ in raised) == [0, 1]
+    assert any(bad in message and "float32" in message for _, message in raised)
+
+
 # --- chunking ----------------------------------------------------------------------------------------
 
 
@@ -315,7 +472,7 @@ def test_global_is_exact_for_any_chunk_size(monkeypatch, chunk, retain_limit):
         scores = random_scores(plan, seed=13, values=values)
         for sparsity in (0.3, 0.71):
             chosen = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
-            assert_same_masks(chosen.masks, reference_masks(plan, scores, prune_count(sparsity, plan.total)))
+            assert_same_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(sparsity, plan.total)))
 
 
 def test_chunked_ranks_agree_with_single_process(monkeypatch):
@@ -324,7 +481,7 @@ def test_chunked_ranks_agree_with_single_process(monkeypatch):
     scores = random_scores(plan, seed=17, values=[1.0, 2.0])
     alone = select("global", scores, plan, SingleWorld(), sparsity=0.4)
     merged, _ = select_on_ranks("global", SHAPES, scores, 3, sparsity=0.4)
-    assert_same_masks(merged, alone.masks)
+    assert_same_masks(merged, unpacked(alone))
 
 
 # --- layer rule --------------------------------------------------------------------------------------
@@ -337,11 +494,11 @@ def test_layer_prunes_the_same_fraction_of_every_tensor(monkeypatch, values, spa
     plan = make_plan()
     scores = random_scores(plan, seed=19, values=values)
     chosen = select("layer", scores, plan, SingleWorld(), sparsity=sparsity)
-    kept = 0
+    masks, kept = unpacked(chosen), 0
     for spec in plan.tensors:
         alone = Plan((TensorSpec(0, spec.name, spec.shape),), (0,))
         expected = reference_masks(alone, {spec.name: scores[spec.name]}, prune_count(sparsity, spec.numel))
-        assert torch.equal(chosen.masks[spec.name], expected[spec.name]), spec.name
+        assert torch.equal(masks[spec.name], expected[spec.name]), spec.name
         kept += spec.numel - prune_count(sparsity, spec.numel)
     assert chosen.kept == kept and chosen.threshold is None
 
@@ -350,9 +507,9 @@ def test_layer_keeps_negative_infinity_pruned():
     plan = make_plan(((10,), (10,)))
     scores = {"layer0.weight": torch.arange(10.0), "layer1.weight": torch.arange(10.0)}
     scores["layer1.weight"][5:] = float("-inf")
-    chosen = select("layer", scores, plan, SingleWorld(), sparsity=0.2)
-    assert chosen.masks["layer0.weight"].tolist() == [False] * 2 + [True] * 8
-    assert chosen.masks["layer1.weight"].tolist() == [True] * 5 + [False] * 5
+    masks = unpacked(chosen := select("layer", scores, plan, SingleWorld(), sparsity=0.2))
+    assert masks["layer0.weight"].tolist() == [False] * 2 + [True] * 8
+    assert masks["layer1.weight"].tolist() == [True] * 5 + [False] * 5
     assert chosen.kept == 13
 
 
@@ -363,7 +520,7 @@ def test_threshold_prunes_scores_at_or_below_it():
     plan = make_plan(((6,),))
     scores = {"layer0.weight": torch.tensor([0.1, 0.2, 0.3, -5.0, float("-inf"), 0.25])}
     chosen = select("threshold", scores, plan, SingleWorld(), sparsity=0.0, threshold=0.25)
-    assert chosen.masks["layer0.weight"].tolist() == [False, False, True, False, False, False]
+    assert unpacked(chosen)["layer0.weight"].tolist() == [False, False, True, False, False, False]
     assert chosen.kept == 1 and chosen.threshold == 0.25 and chosen.total == 6
 
 
@@ -398,5 +555,5 @@ def test_non_contiguous_scores_keep_their_shape():
     plan = make_plan(((30, 40),))
     scores = {"layer0.weight": torch.randn(40, 30).t()}
     chosen = select("global", scores, plan, SingleWorld(), sparsity=0.5)
-    assert chosen.masks["layer0.weight"].shape == (30, 40)
-    assert_same_masks(chosen.masks, reference_masks(plan, scores, prune_count(0.5, plan.total)))
+    assert unpacked(chosen)["layer0.weight"].shape == (30, 40)
+    assert_same_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(0.5, plan.total)))

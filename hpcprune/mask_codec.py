@@ -1,0 +1,74 @@
+"""Mask chunks encoded exactly as HDF5's gzip + fletcher32 filters store them, on any rank.
+
+    mpirun -n 2 hpcprune prune --set model.name=checkpoint ...   # each rank compresses its own masks
+
+Compressing a large model's masks is the one serial step left when rank 0 writes the archive, so the
+rank that selected a tensor's mask also compresses and checksums its chunks; rank 0 only writes
+the finished chunks with HDF5's direct chunk write. The result is byte-for-byte a normal filtered
+dataset: plain h5py and h5dump read it and verify its checksums.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+MASK_CHUNK_BYTES = 1 << 18  # 2 Mi weights per chunk: large enough to compress, small enough to cache
+COMPRESSION_LEVEL = 1  # masks are near-random bits: higher levels cost time and gain little
+FLETCHER_BLOCK = 360  # HDF5 folds its sums every 360 words
+
+
+@dataclass
+class EncodedMask:
+    nbytes: int  # packed (uncompressed) size: the dataset's length
+    chunk_bytes: int
+    chunks: list[bytes]  # each: zlib stream of one full chunk + 4-byte fletcher32, as HDF5 stores it
+
+
+def chunk_size(nbytes: int) -> int:
+    return max(1, min(nbytes, MASK_CHUNK_BYTES))
+
+
+def encode_mask(packed: np.ndarray) -> EncodedMask:
+    packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
+    size = chunk_size(packed.size)
+    chunks = []
+    for start in range(0, packed.size, size):
+        chunk = np.zeros(size, dtype=np.uint8)  # HDF5 stores the last chunk padded to full size
+        part = packed[start:start + size]
+        chunk[: part.size] = part
+        stream = zlib.compress(chunk.tobytes(), COMPRESSION_LEVEL)
+        chunks.append(stream + fletcher32(stream).to_bytes(4, "little"))
+    return EncodedMask(int(packed.size), size, chunks)
+
+
+def fletcher32(data: bytes) -> int:
+    """HDF5's H5_checksum_fletcher32: big-endian 16-bit words, sums folded every 360 words."""
+    count = len(data) // 2
+    words = np.frombuffer(data, dtype=">u2", count=count).astype(np.uint64)
+    blocks = np.zeros(-(-count // FLETCHER_BLOCK) * FLETCHER_BLOCK, dtype=np.uint64)
+    blocks[:count] = words
+    blocks = blocks.reshape(-1, FLETCHER_BLOCK)
+    block_sums = blocks.sum(axis=1)
+    # Within a block, word j is added into sum2 (block length - j) times. Additions wrap mod 2**32
+    # in HDF5's C code; adding in 64 bits and wrapping once per block gives the same result.
+    lengths = np.full(len(blocks), FLETCHER_BLOCK, dtype=np.uint64)
+    if count % FLETCHER_BLOCK:
+        lengths[-1] = count % FLETCHER_BLOCK
+    offsets = np.arange(FLETCHER_BLOCK, dtype=np.uint64)
+    weights = np.where(offsets[None, :] < lengths[:, None], lengths[:, None] - offsets[None, :], 0)
+    weighted = (blocks * weights).sum(axis=1)
+    sum1 = sum2 = 0
+    for length, block_sum, block_weighted in zip(lengths.tolist(), block_sums.tolist(), weighted.tolist()):
+        sum2 = _fold((sum2 + length * sum1 + block_weighted) & 0xFFFFFFFF)
+        sum1 = _fold((sum1 + block_sum) & 0xFFFFFFFF)
+    if len(data) % 2:
+        sum1 = _fold(sum1 + (data[-1] << 8))
+        sum2 = _fold(sum2 + sum1)
+    return (_fold(sum2) << 16) | _fold(sum1)
+
+
+def _fold(value: int) -> int:
+    return (value & 0xFFFF) + (value >> 16)
