@@ -5,12 +5,11 @@
     python bench/select.py --small              # quick smoke run; prints, writes nothing unless --out
 
 Methods, each timed from the dense model to the masks:
-  hpcprune        hpcprune.select.select("global") over a lazy mapping that computes |w|
-                  (hpcprune.scoring.magnitude: a new tensor) on every access: scoring, selection
+  hpcprune        hpcprune.select.select("global") over the pipeline's hpcprune.scoring.LazyScores,
+                  which computes |w| on every access into one reused buffer of the largest tensor's
+                  size (sound because select holds one tensor's scores at a time: if it did not, the
+                  masks would come out wrong and the check below would fail): scoring, selection
                   and the packed masks (numel/8 bytes) all happen inside the measured call
-  hpcprune_buf.   the same, but the mapping computes |w| into one reused buffer of the largest
-                  tensor's size (sound because select holds one tensor's scores at a time: if it
-                  did not, the masks would come out wrong and the run would fail)
   global_unstr.   torch.nn.utils.prune.global_unstructured(..., L1Unstructured), until the masks exist
   kthvalue        torch.cat of all |w| + torch.kthvalue + one comparison per tensor
 
@@ -53,7 +52,8 @@ from torch import nn
 
 from hpcprune.config import PruneConfig
 from hpcprune.plan import make_plan
-from hpcprune.scoring import ScoreContext, magnitude
+from hpcprune.scoring import LazyScores, ScoreContext
+from hpcprune.weights import ModelWeights
 from hpcprune.select import prune_count, select
 from hpcprune.world import SingleWorld
 
@@ -61,10 +61,9 @@ RESULTS = Path(_HERE) / "results"
 OVERHEAD_TARGET_PCT = 10.0  # peak memory above the dense model, in % of its prunable weights' bytes
 SECONDS_TARGET = 0.6  # hpcprune's median time on the default model
 SPEEDUP_TARGET = 30.0  # global_unstructured's median time / hpcprune's
-OURS = ("hpcprune", "hpcprune_buffer")
+OURS = ("hpcprune",)
 LABELS = {
-    "hpcprune": 'hpcprune: select("global") on lazy |w| (new tensor per access), packed masks',
-    "hpcprune_buffer": 'hpcprune: select("global") on lazy |w| (into one reused buffer), packed masks',
+    "hpcprune": 'hpcprune: select("global") on LazyScores abs(w) (one reused buffer), packed masks',
     "global_unstructured": "torch.nn.utils.prune.global_unstructured(L1Unstructured)",
     "kthvalue": "torch.cat(abs(w)) + torch.kthvalue + masks",
 }
@@ -92,18 +91,19 @@ def build_model(layers: int, width: int, seed: int) -> nn.Sequential:
 
 
 class LazyMagnitude(Mapping[str, torch.Tensor]):
-    """|w| of a tensor, computed afresh on every access (nothing cached), counting the accesses."""
+    """The pipeline's LazyScores for magnitude, counting the accesses."""
 
     def __init__(self, model, plan):
         parameters = dict(model.named_parameters())
         self._specs = {spec.name: spec for spec in plan.tensors}
         self._weights = {spec.name: parameters[spec.name] for spec in plan.tensors}
         self._context = ScoreContext(seed=0)
+        self._scores = LazyScores("magnitude", list(plan.tensors), ModelWeights(model), self._context)
         self.reads = 0
 
     def __getitem__(self, name: str) -> torch.Tensor:
         self.reads += 1
-        return magnitude(self._specs[name], self._weights[name], self._context)  # a new tensor each time
+        return self._scores[name]  # the pipeline's own LazyScores: a new tensor each time
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
@@ -112,28 +112,11 @@ class LazyMagnitude(Mapping[str, torch.Tensor]):
         return len(self._specs)
 
 
-class LazyMagnitudeInto(LazyMagnitude):
-    """|w| of a tensor, computed on every access into one buffer: each access overwrites the last."""
-
-    def __init__(self, model, plan):
-        super().__init__(model, plan)
-        self._buffer = torch.empty(max(spec.numel for spec in plan.tensors), dtype=torch.float32)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        self.reads += 1
-        weight = self._weights[name].detach()
-        return torch.abs(weight, out=self._buffer[: weight.numel()].view(weight.shape))
-
-
-def run_hpcprune(model, plan, sparsity, timings, mapping=LazyMagnitude):
-    scores = mapping(model, plan)
+def run_hpcprune(model, plan, sparsity, timings):
+    scores = LazyMagnitude(model, plan)
     selection = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
     timings["reads_per_tensor"] = scores.reads / len(plan.tensors)
     return selection.masks
-
-
-def run_hpcprune_buffer(model, plan, sparsity, timings):
-    return run_hpcprune(model, plan, sparsity, timings, mapping=LazyMagnitudeInto)
 
 
 def run_global_unstructured(model, plan, sparsity, timings):
@@ -154,7 +137,7 @@ def run_kthvalue(model, plan, sparsity, timings):
     return {spec.name: w.abs() > boundary for spec, w in zip(plan.tensors, weights)}
 
 
-METHODS = {"hpcprune": run_hpcprune, "hpcprune_buffer": run_hpcprune_buffer,
+METHODS = {"hpcprune": run_hpcprune,
            "global_unstructured": run_global_unstructured, "kthvalue": run_kthvalue}
 
 
@@ -338,16 +321,14 @@ def markdown(report: dict) -> str:
     ours = methods["hpcprune"]
     notes = [
         (f"What hpcprune holds at its peak: the packed masks ({setup['packed_mask_bytes'] / 2**20:.1f} MiB, "
-         f"{100 * setup['packed_mask_bytes'] / setup['model_bytes']:.1f} % of the model's bytes), one tensor's |w| "
+         f"{100 * setup['packed_mask_bytes'] / setup['model_bytes']:.1f} % of the model's bytes), one tensor's abs(w) "
          f"(largest {setup['largest_score_bytes'] / 2**20:.1f} MiB, "
          f"{100 * setup['largest_score_bytes'] / setup['model_bytes']:.1f} %), chunk buffers and histograms. "
-         "With a new |w| tensor per access, glibc's malloc also keeps about one more score tensor's block "
-         "resident: torch allocates with posix_memalign, and with malloc's per-thread cache on, a freed "
-         "block is neither merged nor reused for the next, equally large, aligned request (in a separate "
-         "run, GLIBC_TUNABLES=glibc.malloc.tcache_count=0 removed it). The reused buffer shows the memory "
-         "of selection itself."),
+         "LazyScores writes every tensor's abs(w) into one buffer: allocating a new tensor per access "
+         "costs about one more tensor of resident memory, because glibc's malloc does not hand a freed "
+         "block of that size straight back to the next equally large, aligned request."),
         (f"hpcprune read each tensor's scores {ours['reads_per_tensor']:g} times (one per pass; each read "
-         f"recomputes |w|); times include that scoring."),
+         f"recomputes abs(w)); times include that scoring."),
         (f"Masks identical across all methods (sha256 of packed masks): {report['masks_identical']}; "
          f"kept {ours['kept']:,} of {setup['prunable']:,}."),
         ("Overhead = child's peak RSS during the method minus its RSS right before it (the dense model is "

@@ -102,6 +102,15 @@ def unpack_mask(packed: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(bits).reshape(tuple(shape))
 
 
+# Set bits per byte value: counts the kept weights of a packed mask without unpacking it.
+_BITS_SET = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
+
+
+def packed_kept(packed: np.ndarray) -> int:
+    """Kept weights in a packed mask (its padding bits are zero)."""
+    return int(_BITS_SET[packed].sum(dtype=np.int64))
+
+
 def kept_count(mask: torch.Tensor) -> int:
     """Number of kept (True) elements."""
     return int(mask.count_nonzero())

@@ -30,7 +30,7 @@ from hpcprune.data import Splits, load_data
 from hpcprune.finetune import evaluate, resolve_device, train
 from hpcprune.launch.ddp import wrap_for_training
 from hpcprune.mask_codec import EncodedMask, encode_mask
-from hpcprune.masks import apply_masks, unpack_mask
+from hpcprune.masks import apply_masks, packed_kept, unpack_mask
 from hpcprune.models import build_model, load_checkpoint, save_checkpoint
 from hpcprune.plan import Plan, make_plan
 from hpcprune.schedule import round_targets
@@ -256,7 +256,7 @@ def _gather_encoded(local: PackedMasks, world: World) -> dict[str, tuple[Encoded
     for name, packed in local.items():
         encoded = encode_mask(packed)
         header.append([name, encoded.nbytes, encoded.chunk_bytes, [len(c) for c in encoded.chunks],
-                       int(np.unpackbits(packed).sum())])
+                       packed_kept(packed)])
         blobs += encoded.chunks
     gathered = world.gather_bytes(json.dumps(header).encode() + b"\n" + b"".join(blobs))
     if gathered is None:
@@ -321,16 +321,12 @@ def _bool_masks(job: Job) -> dict[str, torch.Tensor]:
     return {spec.name: unpack_mask(job.masks[spec.name], spec.shape) for spec in job.plan.tensors}
 
 
-def _count_kept(packed: np.ndarray, numel: int) -> int:
-    return int(np.unpackbits(packed, count=numel).sum())
-
-
 def _kept(job: Job) -> int:
     """Kept weights this rank knows of (module: all masks on every rank, so rank 0 counts them)."""
     if job.model is not None and not job.world.is_root:
         return 0
     local = job.plan.tensors if job.model is not None else job.plan.local(job.world.rank)
-    return sum(_count_kept(job.masks[spec.name], spec.numel) if spec.name in job.masks else spec.numel for spec in local)
+    return sum(packed_kept(job.masks[spec.name]) if spec.name in job.masks else spec.numel for spec in local)
 
 
 def _train(job: Job, train_config, *, masks, seed, label):

@@ -23,15 +23,19 @@ class ScoreContext:
     seed: int
 
 
-Criterion = Callable[[TensorSpec, torch.Tensor, ScoreContext], torch.Tensor]
+# A criterion may write into `out` (float32, the weight's shape) instead of allocating: the lazy
+# scores of a large model then reuse one buffer rather than allocating a tensor per access.
+Criterion = Callable[..., torch.Tensor]  # (spec, weight, context, out=None) -> float32 scores
 
 
-def magnitude(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+def magnitude(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext, out: torch.Tensor | None = None) -> torch.Tensor:
     """|w|: the classic (Han et al. 2015) criterion."""
-    return weight.detach().abs().to(torch.float32)
+    if out is None:
+        return weight.detach().abs().to(torch.float32)
+    return out.copy_(weight.detach()).abs_()
 
 
-def relative(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+def relative(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext, out: torch.Tensor | None = None) -> torch.Tensor:
     """|w_ij| / sum_k |w_ik|: a weight's share of its output row (output channel for convolutions)."""
     rows = weight.detach().abs().to(torch.float32).reshape(weight.shape[0], -1)
     row_sums = rows.sum(dim=1, keepdim=True)
@@ -40,7 +44,7 @@ def relative(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext) -> t
     return shares.reshape(weight.shape)
 
 
-def random(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+def random(spec: TensorSpec, weight: torch.Tensor, context: ScoreContext, out: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform noise, seeded by (seed, tensor index) so it does not depend on which rank scores it."""
     generator = torch.Generator().manual_seed(context.seed * 1_000_003 + spec.index)
     return torch.rand(spec.shape, generator=generator, dtype=torch.float32).to(weight.device)
@@ -53,8 +57,9 @@ CRITERIA: dict[str, Criterion] = {
 }
 
 
-def score_tensor(criterion: str, spec: TensorSpec, weight: torch.Tensor, context: ScoreContext) -> torch.Tensor:
-    scores = CRITERIA[criterion](spec, weight, context)
+def score_tensor(criterion: str, spec: TensorSpec, weight: torch.Tensor, context: ScoreContext,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    scores = CRITERIA[criterion](spec, weight, context, out=out)
     assert scores.shape == weight.shape and scores.dtype == torch.float32, f"criterion {criterion} broke its contract"
     return scores
 
@@ -64,6 +69,8 @@ class LazyScores(Mapping[str, torch.Tensor]):
 
     Selection reads each tensor's scores once per pass and lets go of them before the next tensor,
     so only one score tensor is alive at a time: memory follows the largest tensor, not the model.
+    That guarantee lets every access write into one reused buffer (for criteria that accept `out`)
+    instead of allocating afresh, which freed memory would not always cover.
     Weights pruned in an earlier round (False in `previous`) score -inf, so they stay pruned.
     """
 
@@ -72,10 +79,13 @@ class LazyScores(Mapping[str, torch.Tensor]):
         self._criterion, self._weights, self._context = criterion, weights, context
         self._specs = {spec.name: spec for spec in specs}
         self._previous = previous or {}
+        self._buffer = torch.empty(max((spec.numel for spec in specs), default=0), dtype=torch.float32)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         spec = self._specs[name]
-        scores = score_tensor(self._criterion, spec, self._weights.get(name), self._context).cpu()
+        weight = self._weights.get(name)
+        out = self._buffer[: spec.numel].view(spec.shape) if weight.device.type == "cpu" else None
+        scores = score_tensor(self._criterion, spec, weight, self._context, out=out).cpu()
         if name in self._previous:
             scores.masked_fill_(~unpack_mask(self._previous[name], spec.shape), float("-inf"))
         return scores

@@ -15,7 +15,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from hpcprune import select as selection_module
+from hpcprune import radix, streaming
 from hpcprune.masks import pack_mask, unpack_mask
 from hpcprune.plan import Plan, TensorSpec, assign_owners
 from hpcprune.select import RULES, Selection, prune_count, select
@@ -368,13 +368,14 @@ READS_PER_TENSOR = {"global": 2, "layer": 1, "threshold": 1}  # passes that read
 @pytest.mark.parametrize("rule", sorted(RULES))
 @pytest.mark.parametrize("values", [None, [0.5, 1.0, 2.0, float("-inf")]])
 def test_lazy_scores_are_read_once_per_pass_one_tensor_at_a_time(monkeypatch, two_threads, rule, values):
-    monkeypatch.setattr(selection_module, "CHUNK", 64)  # several chunks per tensor: the worker threads share them
+    monkeypatch.setattr(streaming, "CHUNK", 64)  # several chunks per tensor: the worker threads share them
     plan = make_plan()
     fixed = random_scores(plan, seed=23, values=values)
     lazy = LazyScores(fixed)
     chosen = select(rule, lazy, plan, SingleWorld(), sparsity=0.6, threshold=1.0)
     assert 1 <= min(lazy.reads.values()) and max(lazy.reads.values()) <= READS_PER_TENSOR[rule]
     assert lazy.most_alive == 1 and lazy.alive() == 0
+    assert torch.get_num_threads() == 2  # single-threaded torch only while selecting
     eager = select(rule, fixed, plan, SingleWorld(), sparsity=0.6, threshold=1.0)
     assert_same_masks(unpacked(chosen), unpacked(eager))
     assert (chosen.kept, chosen.threshold) == (eager.kept, eager.threshold)
@@ -384,8 +385,8 @@ def test_lazy_scores_are_read_once_per_pass_one_tensor_at_a_time(monkeypatch, tw
 def test_global_reads_again_only_past_the_retain_limit(monkeypatch, two_threads, values, most_reads):
     # With nothing retained, pass 3 rereads the tensors with elements in the boundary's bin, and pass 4
     # those keeping some of their many ties; the masks stay exact.
-    monkeypatch.setattr(selection_module, "CHUNK", 64)
-    monkeypatch.setattr(selection_module, "RETAIN_LIMIT", 0)
+    monkeypatch.setattr(streaming, "CHUNK", 64)
+    monkeypatch.setattr(radix, "RETAIN_LIMIT", 0)
     plan = make_plan()
     fixed = random_scores(plan, seed=29, values=values)
     lazy = LazyScores(fixed)
@@ -396,7 +397,7 @@ def test_global_reads_again_only_past_the_retain_limit(monkeypatch, two_threads,
 
 
 def test_lazy_scores_on_many_ranks_agree_with_one_process(monkeypatch):
-    monkeypatch.setattr(selection_module, "CHUNK", 16)
+    monkeypatch.setattr(streaming, "CHUNK", 16)
     plan = make_plan(SHAPES, 3)
     fixed = random_scores(plan, seed=31, values=[0.25, 1.0, -1.0, 0.0])
     alone = select("global", fixed, make_plan(), SingleWorld(), sparsity=0.55)
@@ -465,8 +466,8 @@ def test_wrong_scores_on_one_rank_raise_on_every_rank(rule):
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1200])
 @pytest.mark.parametrize("retain_limit", [0, 5, 1 << 21])
 def test_global_is_exact_for_any_chunk_size(monkeypatch, chunk, retain_limit):
-    monkeypatch.setattr(selection_module, "CHUNK", chunk)
-    monkeypatch.setattr(selection_module, "RETAIN_LIMIT", retain_limit)
+    monkeypatch.setattr(streaming, "CHUNK", chunk)
+    monkeypatch.setattr(radix, "RETAIN_LIMIT", retain_limit)
     plan = make_plan()
     for values in (None, [0.5, 1.0, 2.0, -0.0]):
         scores = random_scores(plan, seed=13, values=values)
@@ -476,7 +477,7 @@ def test_global_is_exact_for_any_chunk_size(monkeypatch, chunk, retain_limit):
 
 
 def test_chunked_ranks_agree_with_single_process(monkeypatch):
-    monkeypatch.setattr(selection_module, "CHUNK", 13)
+    monkeypatch.setattr(streaming, "CHUNK", 13)
     plan = make_plan()
     scores = random_scores(plan, seed=17, values=[1.0, 2.0])
     alone = select("global", scores, plan, SingleWorld(), sparsity=0.4)
@@ -490,7 +491,7 @@ def test_chunked_ranks_agree_with_single_process(monkeypatch):
 @pytest.mark.parametrize("values", [None, [0.5, 1.0, 2.0], [1.0]])
 @pytest.mark.parametrize("sparsity", [0.0, 0.35, 0.5, 0.9])
 def test_layer_prunes_the_same_fraction_of_every_tensor(monkeypatch, values, sparsity):
-    monkeypatch.setattr(selection_module, "CHUNK", 50)
+    monkeypatch.setattr(streaming, "CHUNK", 50)
     plan = make_plan()
     scores = random_scores(plan, seed=19, values=values)
     chosen = select("layer", scores, plan, SingleWorld(), sparsity=sparsity)
