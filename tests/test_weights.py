@@ -1,0 +1,48 @@
+"""Weights read from a safetensors checkpoint tensor by tensor equal what safetensors itself loads."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hpcprune.errors import UsageError
+from hpcprune.weights import CheckpointWeights
+
+
+def test_every_tensor_reads_back_exactly_and_only_float_weights_are_prunable(tmp_path):
+    path = tmp_path / "model.safetensors"
+    tensors = {
+        "a.weight": torch.randn(5, 7),
+        "a.bias": torch.randn(5),
+        "b.weight": torch.randn(3, 2, 3, 3).to(torch.float16),
+        "c.weight": torch.randn(4, 4).to(torch.bfloat16),
+        "d.weight": torch.arange(12, dtype=torch.int64).reshape(3, 4),
+        "e.weight": torch.randn(9, 2, dtype=torch.float64),
+    }
+    save_file(tensors, str(path), metadata={"note": "test"})
+    weights = CheckpointWeights(path)
+    assert [name for name, _ in weights.prunable()] == sorted(["a.weight", "b.weight", "c.weight", "e.weight"])
+    expected = load_file(str(path))
+    for name in expected:
+        read = weights.get(name).clone()  # a view of the reused buffer: copy before the next get
+        assert read.dtype == expected[name].dtype and torch.equal(read, expected[name]), name
+
+
+@pytest.mark.parametrize("content, fragment", [(b"", "not a safetensors file"), (b"\x10\x00\x00\x00\x00\x00\x00\x00{bad", "not a safetensors file")])
+def test_unreadable_checkpoints_are_named(tmp_path, content, fragment):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=fragment):
+        CheckpointWeights(path)
+
+
+def test_truncated_data_is_named(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"w.weight": torch.randn(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UsageError, match="truncated: tensor w.weight"):
+        CheckpointWeights(path).get("w.weight")
+
+
+def test_only_safetensors_files(tmp_path):
+    with pytest.raises(UsageError, match="safetensors"):
+        CheckpointWeights(tmp_path / "model.pt")
