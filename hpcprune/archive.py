@@ -17,6 +17,8 @@ Layout, format 1 (readable with plain h5py, h5dump or HDFView; nothing is pickle
     /rounds/<NNNN>/metrics table (name, numel, kept, sparsity)
     /rounds/<NNNN>/history table (epoch, train_loss, eval_loss, eval_accuracy)
     /checkpoint            attrs round (last complete), state_file
+/events                table (time, kind, detail), one row per start, resume, interruption and finish,
+                       appended by rank 0: the run's provenance
 
 Tensor names become HDF5 names as they are ("fc1.weight"), except that "%" is written "%25" and "/"
 is written "%2F" (HDF5 would read "/" as a subgroup); the `name` attr always holds the real name.
@@ -62,6 +64,8 @@ STRING = h5py.string_dtype()
 PARAMS_DTYPE = np.dtype([("name", STRING), ("shape", STRING), ("numel", "i8"), ("prunable", "?")])
 LAYERS_DTYPE = np.dtype([("name", STRING), ("numel", "i8"), ("kept", "i8"), ("sparsity", "f8")])
 HISTORY_DTYPE = np.dtype([("epoch", "i8"), ("train_loss", "f8"), ("eval_loss", "f8"), ("eval_accuracy", "f8")])
+EVENTS_DTYPE = np.dtype([("time", STRING), ("kind", STRING), ("detail", STRING)])
+EVENT_KINDS = ("start", "resume", "interrupt", "requeue", "finish")
 
 
 def state_path(archive_path: str | Path, label: str) -> Path:
@@ -188,6 +192,20 @@ class Archive:
             checkpoint = file.require_group("checkpoint")
             checkpoint.attrs["round"] = int(round_index)
             checkpoint.attrs["state_file"] = "" if state_file is None else self._relative(state_file)
+            file.flush()
+
+    def record_event(self, kind: str, detail: str = "") -> None:
+        """Append one provenance row to /events (kind one of EVENT_KINDS); flushed at once."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {kind!r}")
+        row = np.array([(_now(), kind, detail)], dtype=EVENTS_DTYPE)
+        with open_h5(self.path, "a") as file:
+            if "events" not in file:
+                file.create_dataset("events", data=row, maxshape=(None,), chunks=(64,))
+            else:
+                events = file["events"]
+                events.resize((events.shape[0] + 1,))
+                events[-1] = row[0]
             file.flush()
 
     def completed_rounds(self) -> list[int]:

@@ -40,6 +40,7 @@ class ArchiveReader:
             self.params = [_row(row) for row in file["model/params"][()]]
             self.dense = self._dense(file)
             self.checkpoint = self._checkpoint(file)
+            self.events = [_row(row) for row in file["events"][()]] if "events" in file else []
             self._rounds = [self._round(index, group) for index, group in round_groups(file)]
 
     def rounds(self, include_incomplete: bool = False) -> list[dict[str, Any]]:

@@ -96,6 +96,8 @@ def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = 
                             batch_size=config.data.eval_batch_size)[1]
 
     kept = int(world.allreduce_sum(np.array([_kept(job)], dtype=np.int64))[0])
+    if world.is_root:
+        Archive.at(job.path).record_event("finish", f"{len(targets)} round(s), {kept} of {job.plan.total} weights kept")
     world.barrier()
     return RunResult(str(job.path), dense_accuracy, accuracy, config.prune.sparsity,
                      1.0 - kept / job.plan.total, kept, job.plan.total, job.model)
@@ -131,11 +133,18 @@ def _open_archive(job: Job, *, resume: bool, force: bool) -> ResumePoint:
             archive = Archive.open_resume(job.path, config_yaml=config_yaml, world_size=job.world.size)
             point = _read_resume_point(job.path, archive)
             log.info("resuming %s after round %d", job.path, point.last_round)
+            archive.record_event("resume", f"after round {point.last_round} on {_where(job.world)}")
         else:
-            Archive.create(job.path, config_yaml=config_yaml, model_name=job.config.model.name,
-                           params=_param_table(job), world_size=job.world.size, backend=job.world.name, force=force)
+            archive = Archive.create(job.path, config_yaml=config_yaml, model_name=job.config.model.name,
+                                     params=_param_table(job), world_size=job.world.size, backend=job.world.name,
+                                     force=force)
+            archive.record_event("start", _where(job.world))
     shared = job.world.broadcast_bytes(json.dumps(asdict(point)).encode() if job.world.is_root else None)
     return ResumePoint(**json.loads(shared))
+
+
+def _where(world: World) -> str:
+    return f"{world.size} rank(s), {world.name} world"
 
 
 def _param_table(job: Job) -> list[tuple[str, tuple[int, ...], bool]]:

@@ -32,6 +32,7 @@ def test_run_records_every_round_with_exact_sparsity(smoke_run):
         assert kept_in_masks == int(final["kept"])
         assert 0.0 <= final["accuracy"] <= 1.0 and "accuracy" in archive["dense"].attrs
         assert len(archive["rounds/0003/history"]) == 1
+        assert [row["kind"].decode() for row in archive["events"][()]][:2] == ["start", "finish"]
     assert "pruned test accuracy" in finished.stdout and "75.0000 % achieved" in finished.stdout
 
 
@@ -103,6 +104,9 @@ def test_killed_run_resumes_to_the_same_masks(smoke_run, tmp_path):
         assert all((mine[name] == theirs[name]).all() for name in mine)
     with h5py.File(out, "r") as a, h5py.File(reference, "r") as b:
         assert a["rounds/0003"].attrs["accuracy"] == b["rounds/0003"].attrs["accuracy"]
+        events = [(row["kind"].decode(), row["detail"].decode()) for row in a["events"][()]]
+    assert [kind for kind, _ in events] == ["start", "resume", "finish"]  # the kill left no "finish"
+    assert events[1][1].startswith("after round 1")
 
 
 def test_resume_of_a_finished_run_changes_nothing(smoke_run):
