@@ -58,14 +58,18 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
         result = run(config, world, resume=resume, force=force)
     world.close()
     if world.is_root:
-        click.echo(
-            f"archive {result.archive}\n"
-            f"dense test accuracy  {100 * result.dense_accuracy:.2f} %\n"
-            f"pruned test accuracy {100 * result.final_accuracy:.2f} % "
-            f"({100 * (result.final_accuracy - result.dense_accuracy):+.2f} pp)\n"
-            f"sparsity             {100 * result.achieved_sparsity:.4f} % achieved, {100 * result.target_sparsity:.4f} % asked "
-            f"({result.kept} of {result.total} prunable weights kept)"
-        )
+        click.echo(_final_summary(result))
+
+
+def _final_summary(result) -> str:
+    lines = [f"archive {result.archive}"]
+    if result.model is not None:  # masks-only runs (model.name: checkpoint) have nothing to evaluate
+        lines += [f"dense test accuracy  {100 * result.dense_accuracy:.2f} %",
+                  f"pruned test accuracy {100 * result.final_accuracy:.2f} % "
+                  f"({100 * (result.final_accuracy - result.dense_accuracy):+.2f} pp)"]
+    lines.append(f"sparsity             {100 * result.achieved_sparsity:.4f} % achieved, {100 * result.target_sparsity:.4f} % asked "
+                 f"({result.kept} of {result.total} prunable weights kept)")
+    return "\n".join(lines)
 
 
 @cli.command()

@@ -181,3 +181,4 @@ def test_checkpoint_mode_reads_only_own_tensors_and_gives_the_same_masks(mpirun,
     assert all(np.array_equal(ours[name], theirs[name]) for name in ours)
     with h5py.File(out, "r") as archive:
         assert archive.attrs["world_size"] == ranks and archive["model"].attrs["name"] == "checkpoint"
+    assert "80.0000 % achieved" in finished.stdout and "accuracy" not in finished.stdout  # nothing was evaluated
