@@ -19,6 +19,9 @@ Layout, format 1 (readable with plain h5py, h5dump or HDFView; nothing is pickle
     /checkpoint            attrs round (last complete), state_file
 /events                table (time, kind, detail), one row per start, resume, interruption and finish,
                        appended by rank 0: the run's provenance
+/exports/<NNNN>        attrs only, one group per `hpcprune export` (numbered from 1): format, round, path (of the
+                       file, relative), parameters, nonzero_parameters, bytes, dense_bytes, flops, nonzero_flops,
+                       accuracy (nan: no data), recorded_accuracy, details (JSON), created
 
 Tensor names become HDF5 names as they are ("fc1.weight"), except that "%" is written "%25" and "/"
 is written "%2F" (HDF5 would read "/" as a subgroup); the `name` attr always holds the real name.
@@ -207,6 +210,16 @@ class Archive:
                 events.resize((events.shape[0] + 1,))
                 events[-1] = row[0]
             file.flush()
+
+    def write_export(self, attrs: Mapping[str, Any]) -> int:
+        """Append the figures of one export as /exports/<NNNN>; returns its number."""
+        with open_h5(self.path, "a") as file:
+            exports = file.require_group("exports")
+            number = len(exports) + 1
+            group = exports.create_group(round_name(number))
+            group.attrs.update({**attrs, "path": self._relative(attrs["path"]), "created": _now()})
+            file.flush()
+        return number
 
     def completed_rounds(self) -> list[int]:
         with open_h5(self.path, "r") as file:

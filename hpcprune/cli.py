@@ -2,6 +2,7 @@
 
     hpcprune prune --config configs/quickstart.yaml [--set prune.sparsity=0.8] [--out run.h5] [--resume|--force]
     hpcprune inspect run.h5
+    hpcprune export run.h5 --format sparse --out model.safetensors
 
 Settings live in the config tree, not in flags: the CLI only names the config, its overrides and
 what to do with an existing archive. Errors in what the user gave print one line and exit 2.
@@ -83,6 +84,20 @@ def inspect(archive: str, as_json: bool) -> None:
 
     facts = summary(archive)
     click.echo(json.dumps(facts, indent=2) if as_json else render_summary(facts))
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(dir_okay=False))
+@click.option("--round", "round_index", type=int, help="Round to export (default: the last complete one).")
+@click.option("--format", "fmt", required=True, metavar="masked|compact|sparse|int8", help="What to write (see README).")
+@click.option("--out", required=True, help="File to write (safetensors).")
+@click.option("--int8-base", default="masked", metavar="masked|compact", help="Model that --format int8 quantizes.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+def export(archive: str, round_index: int | None, fmt: str, out: str, int8_base: str, force: bool) -> None:
+    """Write one round as a deployable model and record its size, FLOPs and accuracy in the archive."""
+    from hpcprune.export import export as export_round
+
+    click.echo(export_round(archive, fmt=fmt, out=out, round_index=round_index, force=force, int8_base=int8_base).render())
 
 
 @contextlib.contextmanager

@@ -162,7 +162,9 @@ def _read_resume_point(path: Path, archive: Archive) -> ResumePoint:
         dense_state=dense.get("state_file"),
         dense_accuracy=dense.get("accuracy"),
         last_round=max(rounds, default=0),
-        round_state=(reader.checkpoint or {}).get("state_file") if rounds else None,
+        # The round's own state, not /checkpoint: a kill between marking the round complete and
+        # moving the checkpoint would otherwise pair this round's masks with the previous weights.
+        round_state=reader.rounds()[-1]["state_file"] if rounds else None,
     )
 
 
