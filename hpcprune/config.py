@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from hpcprune.errors import UsageError
 
@@ -75,8 +75,12 @@ class TrainConfig(Section):
 
 
 class PruneConfig(Section):
-    criterion: str = "magnitude"
-    """How weights are scored: magnitude, relative, random (see hpcprune.scoring.CRITERIA)."""
+    granularity: Literal["weight", "channel"] = "weight"
+    """weight: single weights; channel: whole output channels/neurons with everything coupled to them
+    (hpcprune.structured): criteria l1, l2, and sparsity counts channels."""
+    criterion: str = Field("magnitude", validate_default=True)  # checked against the granularity's criteria
+    """How weights are scored: magnitude, relative, random (see hpcprune.scoring.CRITERIA); for
+    granularity channel, l1 or l2 (hpcprune.structured.CHANNEL_CRITERIA)."""
     rule: Literal["global", "layer", "threshold"] = "global"
     """global: exact sparsity over all prunable tensors; layer: the same sparsity in every tensor;
     threshold: prune every weight whose score is <= `threshold`."""
@@ -86,6 +90,8 @@ class PruneConfig(Section):
     """Absolute score threshold (rule threshold)."""
     exclude: list[str] = Field(default_factory=list)
     """Glob patterns of parameter names kept dense, e.g. ["fc1.weight", "*.fc_out.*"]."""
+    batchnorm_scale: bool = False
+    """Granularity channel: multiply a producer's channel norm by |gamma| of the BatchNorm after it."""
 
     @model_validator(mode="after")
     def _threshold_needs_value(self) -> PruneConfig:
@@ -95,11 +101,13 @@ class PruneConfig(Section):
 
     @field_validator("criterion")
     @classmethod
-    def _known_criterion(cls, name: str) -> str:
-        from hpcprune.scoring import CRITERIA  # late: scoring imports torch
+    def _known_criterion(cls, name: str, info: ValidationInfo) -> str:
+        from hpcprune.structured import criteria_of  # late: scoring imports torch
 
-        if name not in CRITERIA:
-            raise ValueError(f"unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}")
+        granularity = info.data.get("granularity", "weight")
+        known = criteria_of(granularity)
+        if name not in known:
+            raise ValueError(f"unknown {granularity} criterion {name!r}; known: {', '.join(sorted(known))}")
         return name
 
 
@@ -141,6 +149,22 @@ class RunConfig(Section):
                 raise ValueError(f"model.name '{CHECKPOINT_MODEL}' needs model.checkpoint (a .safetensors file)")
             if self.finetune.epochs:
                 raise ValueError(f"model.name '{CHECKPOINT_MODEL}' has no module to train: set finetune.epochs: 0")
+        return self
+
+    @model_validator(mode="after")
+    def _channels_fit(self) -> RunConfig:
+        """Channels need a module to trace, a rule of hpcprune.structured, and selection between rounds."""
+        from hpcprune.structured import CHANNEL_RULES, CHANNEL_SCHEDULES
+
+        if self.prune.granularity != "channel":
+            return self
+        if self.model.name == CHECKPOINT_MODEL:
+            raise ValueError(f"prune.granularity channel needs a module: model.name '{CHECKPOINT_MODEL}' has none")
+        if self.prune.rule not in CHANNEL_RULES:
+            raise ValueError(f"prune.rule {self.prune.rule!r} does not apply to channels; use {', '.join(CHANNEL_RULES)}")
+        if self.schedule.kind not in CHANNEL_SCHEDULES:
+            raise ValueError(f"schedule.kind {self.schedule.kind!r} does not apply to channels; "
+                             f"use {', '.join(CHANNEL_SCHEDULES)}")
         return self
 
     def to_yaml(self) -> str:

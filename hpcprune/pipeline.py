@@ -36,6 +36,7 @@ from hpcprune.plan import Plan, make_plan
 from hpcprune.schedule import round_targets
 from hpcprune.scoring import LazyScores, ScoreContext
 from hpcprune.select import Selection, select
+from hpcprune.structured import ChannelPruning
 from hpcprune.weights import CheckpointWeights, ModelWeights, Weights
 from hpcprune.world import World
 
@@ -79,6 +80,7 @@ class Job:
     model: nn.Module | None = None  # None: masks only, from a checkpoint on disk
     splits: Splits | None = None
     masks: PackedMasks = field(default_factory=dict)  # every tensor's (module) or this rank's (checkpoint)
+    channels: ChannelPruning | None = None  # prune.granularity channel: the model's channel groups
 
 
 def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = False) -> RunResult:
@@ -111,8 +113,10 @@ def _model_job(config: RunConfig, world: World) -> Job:
     if config.model.checkpoint:  # before the archive exists, so a bad checkpoint leaves nothing behind
         load_checkpoint(model, config.model.checkpoint)
     model.to(device)
-    return Job(config, world, Path(config.output.path), device, make_plan(model, config.prune, world.size),
-               ModelWeights(model), model, splits)
+    plan = make_plan(model, config.prune, world.size)
+    channels = ChannelPruning(model, plan, config.prune) if config.prune.granularity == "channel" else None
+    return Job(config, world, Path(config.output.path), device, plan, ModelWeights(model), model, splits,
+               channels=channels)
 
 
 def _checkpoint_job(config: RunConfig, world: World) -> Job:
@@ -215,9 +219,12 @@ def _prune_round(job: Job, round_index: int, rounds: int, target: float) -> floa
     started = time.perf_counter()
     # Scores are computed lazily inside selection, one tensor at a time, so score and select
     # share one timer; selection reports how long its own passes took.
-    scores = LazyScores(config.prune.criterion, job.plan.local(world.rank), job.weights,
-                        ScoreContext(seed=config.seed), previous=job.masks)
-    selection = select(config.prune.rule, scores, job.plan, world, sparsity=target, threshold=config.prune.threshold)
+    if job.channels is not None:  # whole channels: one small allreduce of channel norms, never fanned out
+        selection = job.channels.select(world, target, previous=job.masks)
+    else:
+        scores = LazyScores(config.prune.criterion, job.plan.local(world.rank), job.weights,
+                            ScoreContext(seed=config.seed), previous=job.masks)
+        selection = select(config.prune.rule, scores, job.plan, world, sparsity=target, threshold=config.prune.threshold)
     seconds = {"select": time.perf_counter() - started}
 
     started = time.perf_counter()
@@ -317,7 +324,7 @@ def _record_round(job, masks: dict[str, tuple[EncodedMask, int]], round_index, t
         threshold=math.nan if selection.threshold is None else selection.threshold,
         kept=selection.kept, total=selection.total, accuracy=accuracy, loss=loss,
         seconds_select=seconds["select"], seconds_finetune=seconds["finetune"],
-        seconds_record=time.perf_counter() - started, state_file=relative_state,
+        seconds_record=time.perf_counter() - started, state_file=relative_state, **selection.attrs,
     )
     archive = Archive.at(job.path)
     archive.write_round(round_index, attrs=attrs,
@@ -329,7 +336,9 @@ def _record_round(job, masks: dict[str, tuple[EncodedMask, int]], round_index, t
 
 
 def _bool_masks(job: Job) -> dict[str, torch.Tensor]:
-    return {spec.name: unpack_mask(job.masks[spec.name], spec.shape) for spec in job.plan.tensors}
+    masks = {spec.name: unpack_mask(job.masks[spec.name], spec.shape) for spec in job.plan.tensors}
+    # Pruned channels also hold their biases and BatchNorm affines at 0.
+    return masks if job.channels is None else {**masks, **job.channels.companion_masks(masks)}
 
 
 def _kept(job: Job) -> int:

@@ -37,6 +37,7 @@ class Selection:
     kept: int  # kept elements over all prunable tensors of all ranks
     total: int  # plan.total
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # shape of each mask (for unpack_mask)
+    attrs: dict[str, int | float] = field(default_factory=dict)  # more round attributes (channel counts)
 
 
 def prune_count(sparsity: float, total: int) -> int:

@@ -38,6 +38,10 @@ CASES = [
     "tied-layer:model.name=tests.fixture_models:tied_mlp;prune.rule=layer",
     "tied-relative:model.name=tests.fixture_models:tied_mlp;prune.criterion=relative;prune.sparsity=0.55",
     "excluded:prune.exclude=[conv1.weight, fc3.weight];prune.sparsity=0.9",
+    # whole channels: residual branches owned by different ranks, and six channel norms tied at the boundary
+    "channel-global:model.name=resnet8;prune.granularity=channel;prune.criterion=l1;prune.batchnorm_scale=true;prune.sparsity=0.5",
+    "channel-layer:model.name=resnet8;prune.granularity=channel;prune.criterion=l2;prune.rule=layer;prune.sparsity=0.5",
+    "channel-tied:model.name=tests.fixture_models:tied_mlp;prune.granularity=channel;prune.criterion=l1;prune.sparsity=0.3",
 ]
 
 
@@ -80,7 +84,7 @@ def assert_same_masks(mine: Path, reference: Path) -> None:
             assert np.array_equal(ours[tensor], theirs[tensor]), f"{name}: {tensor} differs"
 
 
-@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
 def test_masks_are_bit_identical_under_mpirun(mpirun, single_process_masks, tmp_path, ranks):
     finished = launch([mpirun, "-n", str(ranks), *driver("masks", str(tmp_path), *CASES)])
     assert finished.returncode == 0, finished.stderr
