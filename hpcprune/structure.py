@@ -259,7 +259,9 @@ class _Tracer:
         what = f"{node.op} {getattr(node.target, '__name__', node.target)}"
         first = node.args[0] if node.args else None
         if flatten and first in self.values and len(inputs) == 1:
-            self.flatten(node, self.values[first], what)
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            self.flatten(node, self.values[first], (start, end), what)
         elif channelwise and inputs == [first] and first is not None:
             self.values[node] = self.values[first]
         elif elementwise and inputs:
@@ -267,10 +269,9 @@ class _Tracer:
         else:
             self.block_all(inputs, f"used by {what}")
 
-    def flatten(self, node: fx.Node, value: _Value, what: str) -> None:
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        if value.layout == "first" and start == 1 and end == -1:
+    def flatten(self, node: fx.Node, value: _Value, dims: tuple[int, int], what: str) -> None:
+        """Only flatten(x, 1) of a channel map keeps channels apart: each becomes a block of features."""
+        if value.layout == "first" and dims == (1, -1):
             self.values[node] = _Value(value.group, "flat")
         else:
             self.block(value.group, f"used by {what} other than flatten(x, 1) of a channel map")
@@ -298,10 +299,7 @@ class _Tracer:
         elif isinstance(module, CHANNELWISE_MODULES) and inputs:
             self.values[node] = self.values[inputs[0]]
         elif isinstance(module, nn.Flatten) and inputs:
-            self.flatten(node, self.values[inputs[0]], f"module {name}")
-            if node in self.values and (module.start_dim, module.end_dim) != (1, -1):
-                del self.values[node]
-                self.block(self.values[inputs[0]].group, f"used by {name}, not flatten(x, 1)")
+            self.flatten(node, self.values[inputs[0]], (module.start_dim, module.end_dim), f"module {name}")
         else:
             self.block_all(inputs, f"used by module {name} ({type(module).__name__})")
 

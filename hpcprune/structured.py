@@ -86,7 +86,7 @@ def prune_threshold(scores: list[np.ndarray], sparsity: float, threshold: float 
     """Every channel scoring <= threshold, except each group's best."""
     pruned = []
     for group in scores:
-        mask = (group <= threshold) | np.isneginf(group)
+        mask = group <= threshold  # -inf (pruned before) included
         mask[_best(group)] = False
         pruned.append(mask)
     return pruned, threshold
@@ -135,6 +135,7 @@ class ChannelPruning:
 
     def __init__(self, model: nn.Module, plan: Plan, prune: PruneConfig):
         self.model, self.plan, self.prune = model, plan, prune
+        self._parameters = dict(model.named_parameters())
         planned = {spec.name for spec in plan.tensors}
         traced = trace_channels(model)
         # A group whose rows or columns lie in an excluded tensor would change that tensor: it stays.
@@ -198,12 +199,11 @@ class ChannelPruning:
         MaskEnforcer then keeps them at 0 as it does pruned weights, so a pruned channel outputs
         exactly 0 wherever it goes. Buffers (running statistics) are not parameters and need none.
         """
-        parameters = dict(self.model.named_parameters())
         companions = {}
         for group in self.groups:
             alive = torch.zeros(group.size, dtype=torch.bool)
             alive[kept_channels(group, masks)] = True
-            companions.update({piece.name: alive for piece in group.companions() if piece.name in parameters})
+            companions.update({piece.name: alive for piece in group.companions() if piece.name in self._parameters})
         return companions
 
     def _slots(self) -> dict[tuple[ChannelGroup, object], int]:
@@ -216,10 +216,9 @@ class ChannelPruning:
         return slots
 
     def _producer_norms(self, group: ChannelGroup, producer) -> torch.Tensor:
-        parameters = dict(self.model.named_parameters())
-        rows = parameters[producer.weight].detach().to(torch.float64).reshape(group.size, -1)
+        rows = self._parameters[producer.weight].detach().to(torch.float64).reshape(group.size, -1)
         norms = CHANNEL_CRITERIA[self.prune.criterion](rows)
-        gamma = parameters.get(f"{producer.norm}.weight") if producer.norm else None
+        gamma = self._parameters.get(f"{producer.norm}.weight") if producer.norm else None
         if self.prune.batchnorm_scale and gamma is not None:
             norms = norms * gamma.detach().to(torch.float64).abs()
         return norms.cpu()

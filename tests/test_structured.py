@@ -102,6 +102,12 @@ def test_resnet8_residual_additions_join_the_branches_they_add():
     assert [g.index for g in groups] == list(range(6))
 
 
+def test_a_sequential_chain_with_a_flatten_module():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    assert summary(channel_groups(model)) == [(("0.weight",), ("1",), (("4.weight", 26 * 26),))]
+    assert channel_groups(model)[0].producers[0].norm == "1"
+
+
 class Concatenates(nn.Module):
     def __init__(self):
         super().__init__()
