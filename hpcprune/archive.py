@@ -239,7 +239,7 @@ class Archive:
     def _round_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
         merged = {**ROUND_DEFAULTS, **attrs}
         merged["threshold"] = math.nan if merged["threshold"] is None else float(merged["threshold"])
-        merged["state_file"] = "" if merged["state_file"] is None else self._relative(merged["state_file"])
+        merged["state_file"] = "" if not merged["state_file"] else self._relative(merged["state_file"])
         return merged
 
 

@@ -8,6 +8,7 @@ one-line `UsageError` that names the file and the dotted key.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,15 +82,42 @@ class PruneConfig(Section):
     criterion: str = Field("magnitude", validate_default=True)  # checked against the granularity's criteria
     """How weights are scored: magnitude, relative, random (see hpcprune.scoring.CRITERIA); for
     granularity channel, l1 or l2 (hpcprune.structured.CHANNEL_CRITERIA)."""
-    rule: Literal["global", "layer", "threshold"] = "global"
+    rule: Literal["global", "layer", "threshold", "row", "nm"] = "global"
     """global: exact sparsity over all prunable tensors; layer: the same sparsity in every tensor;
-    threshold: prune every weight whose score is <= `threshold`."""
+    threshold: prune every weight whose score is <= `threshold`; row: the same sparsity in every output
+    row (the default of criterion wanda); nm: keep `n` of every `m` consecutive input weights."""
     sparsity: float = Field(0.9, ge=0, lt=1)
     """Final fraction of prunable weights set to zero (rules global and layer)."""
     threshold: float | None = None
     """Absolute score threshold (rule threshold)."""
     exclude: list[str] = Field(default_factory=list)
     """Glob patterns of parameter names kept dense, e.g. ["fc1.weight", "*.fc_out.*"]."""
+    n: int = Field(2, gt=0)
+    """Weights kept in each group of `m` (rule nm): 2:4 and 4:8 are the patterns sparse tensor cores run."""
+    m: int = Field(4, gt=1)
+    min_density: float = Field(0.0, ge=0, le=1)
+    """Fraction of every tensor the global rule keeps at least (layer protection: no layer collapses)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rule_follows_criterion(cls, data: Any) -> Any:
+        """Wanda compares within output rows unless a rule is given; nm fixes the sparsity at 1 - n/m."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "rule" not in data and data.get("criterion") == "wanda":
+            data["rule"] = "row"
+        return data
+
+    @model_validator(mode="after")
+    def _nm_pattern(self) -> PruneConfig:
+        if self.rule == "nm":
+            if self.n >= self.m:
+                raise ValueError(f"rule 'nm' needs prune.n < prune.m (got {self.n}:{self.m})")
+            if "sparsity" in self.model_fields_set and not math.isclose(self.sparsity, 1 - self.n / self.m):
+                raise ValueError(f"rule 'nm' {self.n}:{self.m} prunes {1 - self.n / self.m:g}: leave prune.sparsity out")
+            object.__setattr__(self, "sparsity", 1 - self.n / self.m)
+        return self
     batchnorm_scale: bool = False
     """Granularity channel: multiply a producer's channel norm by |gamma| of the BatchNorm after it."""
 
@@ -112,15 +140,48 @@ class PruneConfig(Section):
 
 
 class ScheduleConfig(Section):
-    kind: Literal["oneshot", "iterative"] = "oneshot"
+    kind: Literal["oneshot", "iterative", "gradual"] = "oneshot"
     rounds: int = Field(1, ge=1)
     """Number of prune → fine-tune rounds (iterative); density shrinks geometrically per round."""
+    initial_sparsity: float = Field(0.0, ge=0, lt=1)
+    """gradual: s_i, the sparsity when fine-tuning starts (Zhu & Gupta 2017)."""
+    start_step: int = Field(0, ge=0)
+    """gradual: t0, the fine-tuning step of the first mask update's origin."""
+    interval: int = Field(50, gt=0)
+    """gradual: Δt, optimizer steps between mask updates."""
+    updates: int = Field(10, gt=0)
+    """gradual: n, the number of mask updates; the last, at step t0 + nΔt, reaches prune.sparsity."""
+    rewind_epoch: int | None = Field(None, ge=0)
+    """Lottery-ticket rewinding: after each round's pruning, reset the surviving weights to their values
+    after this many epochs of dense training (0: at initialisation), then fine-tune. None: no rewinding."""
 
     @model_validator(mode="after")
     def _oneshot_is_one_round(self) -> ScheduleConfig:
-        if self.kind == "oneshot" and self.rounds != 1:
-            raise ValueError("a oneshot schedule has exactly 1 round; use kind: iterative")
+        if self.kind in ("oneshot", "gradual") and self.rounds != 1:
+            raise ValueError(f"a {self.kind} schedule has exactly 1 round; use kind: iterative")
         return self
+
+
+class CalibrationConfig(Section):
+    """Data for the criteria that need statistics of the model (taylor, snip, wanda)."""
+
+    batches: int = Field(8, gt=0)
+    """Calibration batches; batch b goes to rank b mod world size."""
+    batch_size: int = Field(128, gt=0)
+    split: Literal["train", "validation"] = "train"
+    """Split the batches are cut from, in its stored order: batch b is samples [b*batch_size, (b+1)*batch_size)."""
+    text: str | None = None
+    """Text file, one sentence per line (Hugging Face models): tokenized, joined and cut into sequences."""
+    sequence_length: int = Field(32, gt=1)
+    """Tokens per calibration sequence (text)."""
+
+
+class DistillConfig(Section):
+    """Knowledge distillation from the dense model while fine-tuning (Hinton et al. 2015)."""
+
+    weight: float = Field(0.0, ge=0, le=1)
+    """Share of the distillation term in the loss; 0: plain cross-entropy, no teacher."""
+    temperature: float = Field(4.0, gt=0)
 
 
 class OutputConfig(Section):
@@ -141,6 +202,16 @@ class RunConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, optimizer=OptimizerConfig(lr=0.01)))
     output: OutputConfig = Field(default_factory=OutputConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="after")
+    def _rewind_needs_dense_training(self) -> RunConfig:
+        epoch = self.schedule.rewind_epoch
+        if epoch is not None and (self.model.checkpoint or epoch > self.pretrain.epochs):
+            raise ValueError(f"schedule.rewind_epoch {epoch} needs that many epochs of dense training in this run "
+                             f"(pretrain.epochs >= {epoch} and no model.checkpoint)")
+        return self
 
     @model_validator(mode="after")
     def _checkpoint_model_is_masks_only(self) -> RunConfig:

@@ -37,6 +37,10 @@ class EpochRecord:
     eval_accuracy: float
 
 
+# (logits, targets, inputs) -> scalar loss to minimise; plain cross-entropy when none is given
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 # --- optimizers and learning-rate schedules (registries: a new one is one entry) ------------------
 
 OPTIMIZERS: dict[str, Callable[[Iterable[Any], OptimizerConfig], Optimizer]] = {
@@ -84,11 +88,14 @@ def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
 def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, *, world: World, device: torch.device,
           seed: int, batch_size: int, eval_batch_size: int, masks: Mapping[str, torch.Tensor] | None = None,
           progress: bool = False, describe: str = "train",
-          on_epoch_end: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
+          on_epoch_end: Callable[[EpochRecord], None] | None = None, loss_fn: LossFn | None = None,
+          after_step: Callable[[MaskEnforcer | None], None] | None = None) -> list[EpochRecord]:
     """Train `model` (already on `device`, possibly DDP-wrapped) for `cfg.epochs` epochs.
 
     `eval_data` (None: no evaluation) is evaluated after every epoch; `on_epoch_end` receives each
-    epoch's record, e.g. to checkpoint. Returns one record per epoch.
+    epoch's record, e.g. to checkpoint. `loss_fn(logits, targets, inputs)` replaces the cross-entropy
+    (distillation); `after_step` runs after every optimizer step with the mask enforcer (the gradual
+    schedule moves the masks there). Returns one record per epoch.
     """
     torch.manual_seed(seed)  # dropout and any other randomness of the model's forward
     optimizer = build_optimizer(model.parameters(), cfg.optimizer)
@@ -103,7 +110,8 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, *, world: W
     for epoch in range(cfg.epochs):
         set_epoch(loader, epoch)
         batches = _progress_bar(loader, f"{describe} {epoch + 1}/{cfg.epochs}") if progress and world.is_root else loader
-        train_loss = one_epoch(model, batches, optimizer, enforcer, world=world, device=device)
+        train_loss = one_epoch(model, batches, optimizer, enforcer, world=world, device=device,
+                               loss_fn=loss_fn, after_step=after_step)
         schedule.step()
         eval_loss, eval_accuracy = _evaluate_or_nan(model, eval_data, world=world, device=device, batch_size=eval_batch_size)
         records.append(EpochRecord(epoch + 1, train_loss, eval_loss, eval_accuracy))
@@ -113,7 +121,8 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, *, world: W
 
 
 def one_epoch(model: nn.Module, batches: Iterable, optimizer: Optimizer, enforcer: MaskEnforcer | None, *,
-              world: World, device: torch.device) -> float:
+              world: World, device: torch.device, loss_fn: LossFn | None = None,
+              after_step: Callable[[MaskEnforcer | None], None] | None = None) -> float:
     """One pass over `batches`; returns the mean training loss over the samples of all ranks."""
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no sync per batch
@@ -121,13 +130,16 @@ def one_epoch(model: nn.Module, batches: Iterable, optimizer: Optimizer, enforce
     for inputs, targets in batches:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs), targets)  # model(), not the module: DDP syncs gradients here
+        logits = model(inputs)  # model(), not the module: DDP syncs gradients here
+        loss = F.cross_entropy(logits, targets) if loss_fn is None else loss_fn(logits, targets, inputs)
         loss.backward()
         if enforcer is not None:
             enforcer.before_step()
         optimizer.step()
         if enforcer is not None:
             enforcer.after_step()
+        if after_step is not None:
+            after_step(enforcer)
         loss_sum += loss.detach() * len(targets)
         samples += len(targets)
     totals = world.allreduce_sum(np.array([loss_sum.item(), samples], dtype=np.float64))

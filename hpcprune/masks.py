@@ -45,6 +45,10 @@ class MaskEnforcer:
         self._targets = _pruned_positions(model, masks)
         self._optimizer = optimizer
 
+    def retarget(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        """Enforce `masks` from now on (the gradual schedule moves them while training)."""
+        self._targets = _pruned_positions(model, masks)
+
     def before_step(self) -> None:
         """Zero the gradients of pruned weights, so the step itself sees nothing there."""
         for param, pruned in self._targets:

@@ -27,6 +27,7 @@ from hpcprune.archive import Archive, state_path
 from hpcprune.archive_reader import open_archive
 from hpcprune.config import CHECKPOINT_MODEL, RunConfig
 from hpcprune.data import Splits, load_data
+from hpcprune.errors import UsageError
 from hpcprune.finetune import evaluate, resolve_device, train
 from hpcprune.launch.ddp import wrap_for_training
 from hpcprune.mask_codec import EncodedMask, encode_mask
@@ -34,8 +35,11 @@ from hpcprune.masks import apply_masks, packed_kept, unpack_mask
 from hpcprune.models import build_model, load_checkpoint, save_checkpoint
 from hpcprune.plan import Plan, make_plan
 from hpcprune.schedule import round_targets
-from hpcprune.scoring import LazyScores, ScoreContext
-from hpcprune.select import Selection, select
+from hpcprune.distill import distillation_loss
+from hpcprune.gradual import GradualPruner, first_target
+from hpcprune.prune_step import select_weights
+from hpcprune.rewind import RewindRecorder, rewind
+from hpcprune.select import Selection
 from hpcprune.structured import ChannelPruning
 from hpcprune.weights import CheckpointWeights, ModelWeights, Weights
 from hpcprune.world import World
@@ -134,6 +138,7 @@ def _open_archive(job: Job, *, resume: bool, force: bool) -> ResumePoint:
     if job.world.is_root:
         config_yaml = job.config.to_yaml()
         if resume and job.path.exists():
+            _check_states_exist(job.path)  # before open_resume writes: a refused resume changes nothing
             archive = Archive.open_resume(job.path, config_yaml=config_yaml, world_size=job.world.size)
             point = _read_resume_point(job.path, archive)
             log.info("resuming %s after round %d", job.path, point.last_round)
@@ -156,6 +161,15 @@ def _param_table(job: Job) -> list[tuple[str, tuple[int, ...], bool]]:
     if job.model is None:
         return [(name, shape, name in prunable) for name, shape in job.weights.shapes.items()]
     return [(name, tuple(p.shape), name in prunable) for name, p in job.model.named_parameters()]
+
+
+def _check_states_exist(path: Path) -> None:
+    """The model states a resume continues from (dense, last complete round) must be on disk."""
+    reader = open_archive(path)
+    rounds = reader.rounds()
+    for state in filter(None, [(reader.dense or {}).get("state_file"), rounds[-1]["state_file"] if rounds else None]):
+        if not Path(state).is_file():
+            raise UsageError(f"{path}: cannot resume, the model state {state} it continues from is missing")
 
 
 def _read_resume_point(path: Path, archive: Archive) -> ResumePoint:
@@ -185,7 +199,8 @@ def _dense_model(job: Job, point: ResumePoint) -> float:
     history = []
     if not config.model.checkpoint and config.pretrain.epochs:
         log.info("no checkpoint given: training the dense model for %d epochs", config.pretrain.epochs)
-        history = _train(job, config.pretrain, masks=None, seed=config.seed, label="dense")
+        history = _train(job, config.pretrain, masks=None, seed=config.seed, label="dense",
+                         on_epoch_end=RewindRecorder(job.model, job.path, world, config.schedule.rewind_epoch))
     loss, accuracy = _test(job)
     log.info("dense model: test accuracy %.2f %%", 100 * accuracy)
     if world.is_root:
@@ -222,9 +237,7 @@ def _prune_round(job: Job, round_index: int, rounds: int, target: float) -> floa
     if job.channels is not None:  # whole channels: one small allreduce of channel norms, never fanned out
         selection = job.channels.select(world, target, previous=job.masks)
     else:
-        scores = LazyScores(config.prune.criterion, job.plan.local(world.rank), job.weights,
-                            ScoreContext(seed=config.seed), previous=job.masks)
-        selection = select(config.prune.rule, scores, job.plan, world, sparsity=target, threshold=config.prune.threshold)
+        selection = select_weights(job, first_target(config, target))  # calibrate -> score -> select
     seconds = {"select": time.perf_counter() - started}
 
     started = time.perf_counter()
@@ -233,7 +246,14 @@ def _prune_round(job: Job, round_index: int, rounds: int, target: float) -> floa
     if job.model is not None:
         masks = _bool_masks(job)
         apply_masks(job.model, masks)
-        history = _train(job, config.finetune, masks=masks, seed=config.seed + round_index, label=f"round {round_index}")
+        if config.schedule.rewind_epoch is not None:  # lottery ticket: survivors restart from early weights
+            rewind(job.model, job.path, masks)
+        pruner = GradualPruner.for_round(config, job.model, job.splits.train, world, target,
+                                         lambda sparsity: _reselect(job, sparsity), seed=config.seed + round_index)
+        hooks = dict(after_step=pruner, loss_fn=distillation_loss(config.distill, job.model, state_path(job.path, "dense")))
+        history = _train(job, config.finetune, masks=masks, seed=config.seed + round_index, label=f"round {round_index}",
+                         **hooks)
+        selection = selection if pruner is None else pruner.selection  # gradual: the last update's masks
         loss, accuracy = _test(job)
     seconds["finetune"] = time.perf_counter() - started
 
@@ -335,6 +355,13 @@ def _record_round(job, masks: dict[str, tuple[EncodedMask, int]], round_index, t
 # --- small helpers ---------------------------------------------------------------------------
 
 
+def _reselect(job: Job, sparsity: float) -> tuple[Selection, dict[str, torch.Tensor]]:
+    """One mask update of the gradual schedule: select at `sparsity`, share, unpack."""
+    selection = select_weights(job, sparsity)
+    job.masks = _share_masks(selection.masks, job.world)
+    return selection, _bool_masks(job)
+
+
 def _bool_masks(job: Job) -> dict[str, torch.Tensor]:
     masks = {spec.name: unpack_mask(job.masks[spec.name], spec.shape) for spec in job.plan.tensors}
     # Pruned channels also hold their biases and BatchNorm affines at 0.
@@ -349,14 +376,14 @@ def _kept(job: Job) -> int:
     return sum(packed_kept(job.masks[spec.name]) if spec.name in job.masks else spec.numel for spec in local)
 
 
-def _train(job: Job, train_config, *, masks, seed, label):
+def _train(job: Job, train_config, *, masks, seed, label, **hooks):
     if not train_config.epochs:
         return []
     config = job.config
     model = wrap_for_training(job.model, job.world, job.device)
     return train(model, job.splits.train, job.splits.validation, train_config, world=job.world, device=job.device,
                  seed=seed, batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
-                 masks=masks, progress=config.progress, describe=label)
+                 masks=masks, progress=config.progress, describe=label, **hooks)
 
 
 def _test(job: Job) -> tuple[float, float]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcprune.criteria import LITERATURE_CRITERIA
 from hpcprune.masks import unpack_mask
 from hpcprune.plan import TensorSpec
 
@@ -21,6 +22,7 @@ from hpcprune.plan import TensorSpec
 @dataclass(frozen=True)
 class ScoreContext:
     seed: int
+    statistics: object = None  # hpcprune.calibrate.Statistics, for the criteria that need data
 
 
 # A criterion may write into `out` (float32, the weight's shape) instead of allocating: the lazy
@@ -54,6 +56,7 @@ CRITERIA: dict[str, Criterion] = {
     "magnitude": magnitude,
     "relative": relative,
     "random": random,
+    **LITERATURE_CRITERIA,  # taylor, snip, wanda, lamp
 }
 
 

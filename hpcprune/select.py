@@ -55,11 +55,12 @@ def select(
     *,
     sparsity: float,
     threshold: float | None = None,
+    **options,
 ) -> Selection:
-    """Masks for this rank's tensors under `rule` (a key of RULES)."""
+    """Masks for this rank's tensors under `rule` (a key of RULES); `options` go to rules that take them."""
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; known: {', '.join(sorted(RULES))}")
-    return RULES[rule](scores, plan, world, sparsity=sparsity, threshold=threshold)
+    return RULES[rule](scores, plan, world, sparsity=sparsity, threshold=threshold, **options)
 
 
 # --- rules -----------------------------------------------------------------------------------------
@@ -132,3 +133,10 @@ def _finish(tensors: Tensors, masks, kept: int, boundary, plan: Plan, world: Wor
     raise_if_failed(problem, int(failures))
     return Selection(masks={spec.name: mask for spec, mask in zip(tensors.specs, masks)}, threshold=boundary,
                      kept=int(kept_total), total=plan.total, shapes={spec.name: spec.shape for spec in tensors.specs})
+
+
+# Rules that compare within small groups (output rows, N:M blocks) live in hpcprune.patterns and
+# build on _finish above, hence this import at the end.
+from hpcprune.patterns import PATTERN_RULES  # noqa: E402
+
+RULES.update(PATTERN_RULES)

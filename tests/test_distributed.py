@@ -38,6 +38,13 @@ CASES = [
     "tied-layer:model.name=tests.fixture_models:tied_mlp;prune.rule=layer",
     "tied-relative:model.name=tests.fixture_models:tied_mlp;prune.criterion=relative;prune.sparsity=0.55",
     "excluded:prune.exclude=[conv1.weight, fc3.weight];prune.sparsity=0.9",
+    # calibrated criteria (statistics summed over ranks), group rules and layer protection
+    "wanda-row:prune.criterion=wanda;prune.rule=row",
+    "taylor-global:prune.criterion=taylor;calibration.batch_size=48",
+    "snip-layer:prune.criterion=snip;prune.rule=layer;calibration.batch_size=48",
+    "lamp-global:prune.criterion=lamp",
+    "nm-2of4:prune.rule=nm;prune.sparsity=0.5;prune.exclude=[conv1.weight, conv2.weight]",
+    "protected:prune.min_density=0.3;prune.sparsity=0.6",
     # whole channels: residual branches owned by different ranks, and six channel norms tied at the boundary
     "channel-global:model.name=resnet8;prune.granularity=channel;prune.criterion=l1;prune.batchnorm_scale=true;prune.sparsity=0.5",
     "channel-layer:model.name=resnet8;prune.granularity=channel;prune.criterion=l2;prune.rule=layer;prune.sparsity=0.5",

@@ -101,7 +101,11 @@ def test_random_ignores_the_weights():
 
 def test_every_criterion_returns_float32_of_the_weight_shape():
     model = Net()
+    from hpcprune.calibrate import Statistics  # what the data-dependent criteria read
+
+    statistics = Statistics(samples=1, input_norms={"conv.weight": torch.ones(9)},
+                            gradients={"conv.weight": torch.ones(model.conv.weight.shape)}, sensitivity_total=1.0)
     for name in CRITERIA:
         spec = spec_of(model, "conv.weight")
-        scores = score_tensor(name, spec, model.conv.weight, ScoreContext(seed=0))
+        scores = score_tensor(name, spec, model.conv.weight, ScoreContext(seed=0, statistics=statistics))
         assert scores.shape == model.conv.weight.shape and scores.dtype == torch.float32

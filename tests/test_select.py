@@ -22,6 +22,8 @@ from hpcprune.select import RULES, Selection, prune_count, select
 from hpcprune.world import SingleWorld, World
 
 SHAPES = ((40, 30), (8, 3, 3, 3), (10, 40), (7,))
+# nm needs input counts that are multiples of m, which SHAPES lack: tests/test_criteria.py checks it on its own shapes
+SHAPE_FREE_RULES = sorted(set(RULES) - {"nm"})
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def test_global_negative_infinity_is_always_pruned(sparsity):
         assert chosen.threshold == float("-inf")
 
 
-@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("rule", SHAPE_FREE_RULES)
 def test_nan_scores_raise_value_error_naming_the_tensor(rule):
     plan = make_plan()
     scores = random_scores(plan)
@@ -362,10 +364,10 @@ def test_nan_on_one_rank_raises_on_every_rank():
 
 # --- lazy scores and packed masks ----------------------------------------------------------------------
 
-READS_PER_TENSOR = {"global": 2, "layer": 1, "threshold": 1}  # passes that read a tensor's scores
+READS_PER_TENSOR = {"global": 2, "layer": 1, "threshold": 1, "row": 1}  # passes that read a tensor's scores
 
 
-@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("rule", SHAPE_FREE_RULES)
 @pytest.mark.parametrize("values", [None, [0.5, 1.0, 2.0, float("-inf")]])
 def test_lazy_scores_are_read_once_per_pass_one_tensor_at_a_time(monkeypatch, two_threads, rule, values):
     monkeypatch.setattr(streaming, "CHUNK", 64)  # several chunks per tensor: the worker threads share them
@@ -414,7 +416,7 @@ def test_lazy_scores_on_many_ranks_agree_with_one_process(monkeypatch):
         assert (chosen.kept, chosen.threshold) == (alone.kept, alone.threshold)
 
 
-@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("rule", SHAPE_FREE_RULES)
 def test_masks_are_packed_bits_of_the_flat_mask(rule):
     shapes = ((3, 5), (7,), (2, 2, 2), (1,), (4, 9))  # 15, 7, 8, 1 and 36 elements: padded last bytes and none
     plan = make_plan(shapes)
@@ -440,7 +442,7 @@ def test_nothing_or_everything_pruned_gives_full_or_empty_packed_masks(sparsity)
         assert np.array_equal(chosen.masks[spec.name], pack_mask(expected)), spec.name
 
 
-@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("rule", SHAPE_FREE_RULES)
 def test_wrong_scores_on_one_rank_raise_on_every_rank(rule):
     plan = make_plan(SHAPES, 2)
     scores = random_scores(plan)
@@ -536,8 +538,8 @@ def test_threshold_rule_needs_a_threshold():
 
 def test_unknown_rule_is_refused():
     plan = make_plan()
-    with pytest.raises(ValueError, match="unknown selection rule 'nm'"):
-        select("nm", random_scores(plan), plan, SingleWorld(), sparsity=0.5)
+    with pytest.raises(ValueError, match="unknown selection rule 'median'"):
+        select("median", random_scores(plan), plan, SingleWorld(), sparsity=0.5)
 
 
 def test_scores_must_match_the_plan():

@@ -1,0 +1,46 @@
+"""One mask update: calibrate (when the criterion needs data) -> score -> protect -> select.
+
+    hpcprune prune --config configs/fmnist_lenet300_taylor.yaml
+
+The pipeline calls `select_weights` once per round; the gradual schedule calls it at every mask
+update during fine-tuning. Scores are lazy (hpcprune.scoring.LazyScores): computed tensor by tensor
+inside the selection, weights pruned before scoring -inf so they stay pruned.
+"""
+
+from __future__ import annotations
+
+from hpcprune.calibrate import CalibrationBatches, Statistics, calibrate, needs_calibration
+from hpcprune.errors import UsageError
+from hpcprune.patterns import rule_options
+from hpcprune.progress import scoring_progress
+from hpcprune.protect import protect_layers
+from hpcprune.scoring import LazyScores, ScoreContext
+from hpcprune.select import Selection, select
+
+
+def select_weights(job, target: float) -> Selection:
+    """Masks of this rank's tensors at sparsity `target` under the job's criterion and rule."""
+    config, world = job.config, job.world
+    context = ScoreContext(seed=config.seed, statistics=calibration_statistics(job))
+    scores = LazyScores(config.prune.criterion, job.plan.local(world.rank), job.weights, context, previous=job.masks)
+    if config.prune.rule == "global":
+        scores = protect_layers(scores, job.plan, config.prune.min_density, target)
+    with scoring_progress(scores, f"score + select ({100 * target:.2f} %)", config.progress and world.is_root) as scores:
+        return select(config.prune.rule, scores, job.plan, world, sparsity=target, threshold=config.prune.threshold,
+                      **rule_options(config.prune))
+
+
+def calibration_statistics(job) -> Statistics | None:
+    """What the criterion needs from calibration data; None when it scores weights alone."""
+    criterion = job.config.prune.criterion
+    if not needs_calibration(criterion):
+        return None
+    if job.model is None:
+        raise UsageError(f"criterion {criterion!r} needs calibration data through the model: "
+                         f"model.name 'checkpoint' has no module to run")
+    return calibrate(job.model, job.plan, calibration_batches(job), job.world, criterion, job.device)
+
+
+def calibration_batches(job) -> CalibrationBatches:
+    cfg = job.config.calibration
+    return CalibrationBatches.of_dataset(getattr(job.splits, cfg.split), cfg)

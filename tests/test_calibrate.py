@@ -1,0 +1,63 @@
+"""Calibration: batches shared among ranks by index, and statistics that do not depend on the world size.
+
+    python -m pytest tests/test_calibrate.py -q
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from hpcprune.calibrate import CalibrationBatches
+from hpcprune.config import CalibrationConfig
+from hpcprune.models import load_state_file
+from tests.test_distributed import launch, mpirun  # noqa: F401  (mpirun is a fixture)
+
+
+class FakeWorld:
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_every_batch_goes_to_exactly_one_rank_by_its_index(size):
+    batches = CalibrationBatches(7, lambda index: (index, None))
+    shares = [[index for index, _ in batches.mine(FakeWorld(rank, size))] for rank in range(size)]
+    assert sorted(sum(shares, [])) == list(range(7))
+    assert all(index % size == rank for rank, share in enumerate(shares) for index in share)
+
+
+def test_dataset_batches_are_consecutive_slices_and_stop_at_the_data():
+    data = torch.utils.data.TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
+    batches = CalibrationBatches.of_dataset(data, CalibrationConfig(batches=8, batch_size=4))
+    assert batches.count == 3  # 10 samples make 3 batches, however many were asked for
+    got = [targets.tolist() for _, targets in batches.mine(FakeWorld(0, 1))]
+    assert got == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def saved_statistics(out, ranks: int) -> dict[str, torch.Tensor]:
+    merged = {}
+    for rank in range(ranks):
+        for name, tensor in load_state_file(out / f"rank{rank}.safetensors").items():
+            if name in merged:  # input norms and counts are on every rank: they must agree
+                assert torch.equal(merged[name], tensor), name
+            merged[name] = tensor
+    return merged
+
+
+def test_statistics_are_bit_identical_under_mpirun_1_and_2(mpirun, tmp_path):  # noqa: F811
+    results = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"n{ranks}"
+        out.mkdir()
+        finished = launch([mpirun, "-n", str(ranks), sys.executable, "-m", "tests.calibration_driver", str(out)])
+        assert finished.returncode == 0, finished.stderr
+        results[ranks] = saved_statistics(out, ranks)
+    one, two = results[1], results[2]
+    assert sorted(one) == sorted(two)
+    assert any(name.startswith("gradients/") for name in one) and any(name.startswith("input_norms/") for name in one)
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+    assert int(one["samples/wanda"]) == 7 * 48  # 7 batches of 48 of the 512 synthetic training images

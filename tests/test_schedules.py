@@ -1,0 +1,168 @@
+"""Gradual pruning (Zhu & Gupta), lottery-ticket rewinding and distillation, from formulas to archives.
+
+    python -m pytest tests/test_schedules.py -q
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcprune.config import DistillConfig, ScheduleConfig, load_config, validate_tree
+from hpcprune.data import load_data
+from hpcprune.distill import DistillationLoss
+from hpcprune.errors import UsageError
+from hpcprune.finetune import train
+from hpcprune.gradual import GradualPruner
+from hpcprune.masks import unpack_mask
+from hpcprune.models import build_model, load_state_file
+from hpcprune.pipeline import run
+from hpcprune.plan import make_plan
+from hpcprune.schedule import gradual_end, gradual_sparsity
+from hpcprune.scoring import LazyScores, ScoreContext
+from hpcprune.select import prune_count, select
+from hpcprune.weights import ModelWeights
+from hpcprune.world import SingleWorld
+from tests.helpers import CONFIGS, archive_masks
+
+GRADUAL = ScheduleConfig(kind="gradual", initial_sparsity=0.1, start_step=3, interval=4, updates=5)
+
+
+def test_gradual_sparsity_follows_the_cubic_and_ends_on_the_target_at_its_end_step():
+    target = 0.9
+    updates = {step: gradual_sparsity(GRADUAL, target, step) for step in range(1, 40)}
+    update_steps = [step for step, s in updates.items() if s is not None]
+    assert update_steps == [3 + 4 * k for k in range(1, 6)] and gradual_end(GRADUAL) == 23 == update_steps[-1]
+    for k, step in enumerate(update_steps, start=1):
+        expected = target + (0.1 - target) * (1 - (step - 3) / (5 * 4)) ** 3
+        assert updates[step] == pytest.approx(expected, abs=1e-15)
+    assert updates[23] == target  # exactly, not a float approximation
+    sparsities = [updates[step] for step in update_steps]
+    assert sparsities == sorted(sparsities) and sparsities[0] > 0.1
+
+
+def gradual_training(tmp_path, schedule: ScheduleConfig, target: float):
+    """LeNet-300 on synthetic data, fine-tuned with a real GradualPruner doing magnitude selections."""
+    config = validate_tree({"data": {"dataset": "synthetic", "synthetic_size": 512, "batch_size": 32},
+                            "schedule": schedule.model_dump(), "finetune": {"epochs": 2}}, "test")
+    splits = load_data(config.data, 0)
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    plan = make_plan(model, config.prune, 1)
+    masks: dict[str, np.ndarray] = {}
+    seen = []
+
+    def reselect(sparsity):
+        scores = LazyScores("magnitude", plan.local(0), ModelWeights(model), ScoreContext(seed=0), previous=masks)
+        selection = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
+        masks.update(selection.masks)
+        bool_masks = {spec.name: unpack_mask(masks[spec.name], spec.shape) for spec in plan.tensors}
+        seen.append((pruner.step, sparsity, selection.kept))
+        return selection, bool_masks
+
+    pruner = GradualPruner.for_round(config, model, splits.train, SingleWorld(), target, reselect, seed=1)
+    start = {spec.name: torch.ones(spec.shape, dtype=torch.bool) for spec in plan.tensors}
+    train(model, splits.train, None, config.finetune, world=SingleWorld(), device=torch.device("cpu"), seed=1,
+          batch_size=32, eval_batch_size=256, masks=start, after_step=pruner)
+    return model, plan, masks, seen, pruner
+
+
+def test_gradual_pruner_reaches_the_target_at_the_end_step_and_keeps_it_to_the_end(tmp_path):
+    model, plan, masks, seen, pruner = gradual_training(tmp_path, GRADUAL, 0.9)
+    assert [step for step, _, _ in seen] == [7, 11, 15, 19, 23]
+    assert pruner.step == 2 * 16  # 512 images / 32 per batch, two epochs: training went on after the last update
+    kept = [kept for _, _, kept in seen]
+    assert kept == sorted(kept, reverse=True)
+    assert kept[-1] == plan.total - prune_count(0.9, plan.total) and pruner.achieved == pytest.approx(0.9, abs=1e-5)
+    for spec in plan.tensors:  # pruned weights were held at zero through the remaining steps
+        weight = dict(model.named_parameters())[spec.name].detach()
+        assert torch.count_nonzero(weight[~unpack_mask(masks[spec.name], spec.shape)]) == 0
+
+
+def test_gradual_schedule_longer_than_fine_tuning_is_refused(tmp_path):
+    long = ScheduleConfig(kind="gradual", interval=10, updates=5)  # step 50 > 2 epochs x 16 steps
+    with pytest.raises(UsageError, match="last gradual update is at step 50 .* only 32 steps"):
+        gradual_training(tmp_path, long, 0.9)
+
+
+def test_gradual_run_records_the_target_sparsity(tmp_path):
+    out = tmp_path / "gradual.h5"
+    config = load_config(CONFIGS / "smoke.yaml", [
+        "schedule.kind=gradual", "schedule.rounds=1", "schedule.interval=3", "schedule.updates=4",
+        "schedule.initial_sparsity=0.2", f"output.path={out}", "progress=false"])
+    result = run(config, SingleWorld(), force=True)
+    assert result.achieved_sparsity == pytest.approx(0.75, abs=1e-5)
+    kept = sum(int(np.unpackbits(packed).sum()) for packed in archive_masks(out, 1).values())
+    with h5py.File(out, "r") as archive:
+        attrs = archive["rounds/0001"].attrs
+        assert int(attrs["kept"]) == kept == int(attrs["total"]) - prune_count(0.75, int(attrs["total"]))
+
+
+# --- rewinding ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_rewinding_restores_the_recorded_weights_under_the_mask(tmp_path, epoch):
+    out = tmp_path / "rewind.h5"
+    config = load_config(CONFIGS / "smoke.yaml", [
+        "pretrain.epochs=2", f"schedule.rewind_epoch={epoch}", "schedule.kind=oneshot", "schedule.rounds=1",
+        "finetune.epochs=0", f"output.path={out}", "progress=false"])
+    run(config, SingleWorld(), force=True)
+    states = tmp_path / "rewind.states"
+    recorded, dense = load_state_file(states / "rewind.safetensors"), load_state_file(states / "dense.safetensors")
+    final = load_state_file(states / "round-0001.safetensors")
+    if epoch == 0:  # the initialisation: what the seeded builder makes
+        torch.manual_seed(config.seed)
+        fresh = build_model(config.model).state_dict()
+        assert all(torch.equal(recorded[name], fresh[name]) for name in fresh)
+    assert not torch.equal(recorded["fc1.weight"], dense["fc1.weight"])  # training moved the weights on
+    masks = archive_masks(out, 1)
+    for name, tensor in final.items():
+        if name in masks:
+            keep = torch.from_numpy(np.unpackbits(masks[name], count=tensor.numel()).astype(bool)).reshape(tensor.shape)
+            assert torch.equal(tensor[keep], recorded[name][keep]) and torch.count_nonzero(tensor[~keep]) == 0
+        else:  # biases are not pruned: rewound whole
+            assert torch.equal(tensor, recorded[name])
+
+
+def test_rewinding_needs_the_dense_training_in_the_run():
+    with pytest.raises(UsageError, match="rewind_epoch 3 needs"):
+        validate_tree({"pretrain": {"epochs": 2}, "schedule": {"rewind_epoch": 3}}, "test")
+    with pytest.raises(UsageError, match="rewind_epoch 0 needs"):
+        validate_tree({"model": {"checkpoint": "dense.safetensors"}, "schedule": {"rewind_epoch": 0}}, "test")
+
+
+# --- distillation -------------------------------------------------------------------------------------
+
+
+def test_distillation_loss_mixes_cross_entropy_and_the_softened_kl():
+    generator = torch.Generator().manual_seed(0)
+    teacher = nn.Linear(6, 4)
+    inputs = torch.randn(8, 6, generator=generator)
+    logits = torch.randn(8, 4, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 4, (8,), generator=generator)
+    loss = DistillationLoss(teacher, DistillConfig(weight=0.3, temperature=2.0))(logits, targets, inputs)
+    soft_teacher = torch.softmax(teacher(inputs).detach() / 2.0, dim=1)
+    soft_student = torch.softmax(logits / 2.0, dim=1)
+    kl = (soft_teacher * (soft_teacher.log() - soft_student.log())).sum(dim=1).mean()
+    expected = 0.7 * F.cross_entropy(logits, targets) + 0.3 * 4.0 * kl
+    torch.testing.assert_close(loss, expected)
+    assert DistillationLoss(teacher, DistillConfig(weight=1.0))(teacher(inputs).detach(), targets, inputs).abs() < 1e-6
+
+
+def test_distillation_run_uses_the_dense_teacher(tmp_path):
+    out = tmp_path / "distill.h5"
+    config = load_config(CONFIGS / "smoke.yaml", ["distill.weight=0.5", "schedule.rounds=1", "schedule.kind=oneshot",
+                                                  f"output.path={out}", "progress=false"])
+    plain = run(load_config(CONFIGS / "smoke.yaml", ["schedule.rounds=1", "schedule.kind=oneshot",
+                                                     f"output.path={tmp_path / 'plain.h5'}", "progress=false"]),
+                SingleWorld(), force=True)
+    taught = run(config, SingleWorld(), force=True)
+    with h5py.File(out, "r") as archive, h5py.File(tmp_path / "plain.h5", "r") as reference:
+        ours, theirs = archive["rounds/0001/history"][()], reference["rounds/0001/history"][()]
+        assert ours["train_loss"][0] != theirs["train_loss"][0]  # another loss was minimised
+    assert taught.kept == plain.kept and taught.final_accuracy > 0.5
