@@ -101,7 +101,8 @@ class ExportReport:
         def ratio(part: float, whole: float) -> str:
             return f"{part / whole:.3f}x" if whole and not math.isnan(part) else "n/a"
 
-        accuracy = "n/a (no data)" if math.isnan(self.accuracy) else f"{100 * self.accuracy:.2f} %"
+        missing = "no module" if math.isnan(self.flops) else "no data"
+        accuracy = f"n/a ({missing})" if math.isnan(self.accuracy) else f"{100 * self.accuracy:.2f} %"
         recorded = "" if math.isnan(self.recorded_accuracy) else f" (round {self.round} recorded {100 * self.recorded_accuracy:.2f} %)"
         flops = "n/a (no module)" if math.isnan(self.flops) else f"{self.flops:,.0f} per sample, {self.nonzero_flops:,.0f} with nonzero weights"
         return (
