@@ -53,6 +53,7 @@ import hpcprune
 from hpcprune.archive_reader import FORMAT, FORMAT_VERSION, open_archive, open_h5, round_groups, round_name
 from hpcprune.errors import UsageError
 from hpcprune.mask_codec import EncodedMask, encode_mask
+from hpcprune.progress import bar
 
 # Keys that may change between the original run and its resume without changing the results.
 RESUME_IGNORED_KEYS = ("output.path", "progress")
@@ -161,9 +162,9 @@ class Archive:
 
     def write_round(self, index: int, *, attrs: Mapping[str, Any],
                     masks: Mapping[str, tuple[np.ndarray | EncodedMask, Sequence[int], int]],
-                    layers: Sequence[Mapping[str, Any]], history: Sequence[Any]) -> None:
+                    layers: Sequence[Mapping[str, Any]], history: Sequence[Any], progress: bool = False) -> None:
         """Record one round; `masks` maps tensor name -> (packed uint8 bits or their encoded chunks,
-        shape, kept count).
+        shape, kept count). `progress`: a bar over the masks written (when stderr is a terminal).
 
         Replaces an incomplete round of the same index (left by a killed run); a complete one is a bug.
         """
@@ -182,7 +183,8 @@ class Archive:
             group.attrs.update(self._round_attrs(attrs))
             group.attrs["status"] = "writing"
             masks_group = group.create_group("masks", track_order=True)  # keep the plan's tensor order
-            for tensor, (packed, shape, kept) in masks.items():
+            for tensor, (packed, shape, kept) in bar(masks.items(), enabled=progress, total=len(masks),
+                                                     description=f"round {index}: write", unit="mask"):
                 _write_mask(masks_group, tensor, packed, tuple(shape), kept)
             group.create_dataset("metrics", data=_table(layers, LAYERS_DTYPE))
             group.create_dataset("history", data=_table(history, HISTORY_DTYPE))

@@ -10,6 +10,7 @@ not an archive, is truncated, or was written by a newer hpcprune is refused with
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,10 @@ class ArchiveReader:
         return {name: packed for name, (packed, _) in self._packed(index).items()}
 
     def _packed(self, index: int) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
-        masks = {}
+        return {name: (packed, shape) for name, packed, shape in self.iter_packed_masks(index)}
+
+    def iter_packed_masks(self, index: int) -> Iterator[tuple[str, np.ndarray, tuple[int, ...]]]:
+        """(name, packed bits, shape) of the round's masks in plan order, one read at a time."""
         with open_checked(self.path) as file:
             for dataset in self._group(file, index)["masks"].values():
                 name = dataset.attrs["name"]
@@ -64,8 +68,7 @@ class ArchiveReader:
                     packed = dataset[()]
                 except OSError as error:  # fletcher32 or gzip found damaged bytes
                     raise UsageError(f"{self.path}: round {index}, mask {name} is corrupted ({error})") from None
-                masks[name] = (packed, tuple(int(size) for size in dataset.attrs["shape"]))
-        return masks
+                yield name, packed, tuple(int(size) for size in dataset.attrs["shape"])
 
     def layers(self, index: int) -> list[dict[str, Any]]:
         with open_checked(self.path) as file:
@@ -138,8 +141,11 @@ def _check_format(path: Path, file: h5py.File) -> None:
     version = int(file.attrs.get("format_version", 0))
     if version > FORMAT_VERSION:
         raise UsageError(f"{path} was written by a newer hpcprune (format {version}, this reads {FORMAT_VERSION})")
+    if version < 1:
+        raise UsageError(f"{path} was written in an older archive format ({version}) that this hpcprune cannot read "
+                         f"(it reads format {FORMAT_VERSION})")
     missing = [name for name in ("config", "model/params", "rounds") if name not in file]
-    if version < 1 or missing:
+    if missing:
         raise UsageError(f"{path} is not a readable hpcprune archive (format {version}, missing {', '.join(missing)})")
 
 

@@ -1,7 +1,8 @@
 """The command line: `hpcprune prune` and `hpcprune inspect`.
 
     hpcprune prune --config configs/quickstart.yaml [--set prune.sparsity=0.8] [--out run.h5] [--resume|--force]
-    hpcprune inspect run.h5
+    hpcprune inspect [summary|layers|diff|plot|masks] run.h5 ...
+    hpcprune report run.h5 --out report.html
     hpcprune export run.h5 --format sparse --out model.safetensors
 
 Settings live in the config tree, not in flags: the CLI only names the config, its overrides and
@@ -73,17 +74,115 @@ def _final_summary(result) -> str:
     return "\n".join(lines)
 
 
-@cli.command()
-@click.argument("archive", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(archive: str, as_json: bool) -> None:
-    """Summarise an archive: rounds, sparsity, accuracy and the per-layer table."""
+class _SummaryByDefault(click.Group):
+    """`hpcprune inspect run.h5 [--json]` means `hpcprune inspect summary run.h5 [--json]`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["summary", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_SummaryByDefault)
+def inspect() -> None:
+    """Read an archive: summary (the default), layers, diff, plot, masks.
+
+    \b
+    Examples:
+      hpcprune inspect runs/quickstart.h5 [--json]
+      hpcprune inspect layers runs/quickstart.h5 --round 2
+      hpcprune inspect diff runs/a.h5 runs/b.h5
+      hpcprune inspect plot runs/quickstart.h5 --out plots/
+      hpcprune inspect masks runs/quickstart.h5 --out masks.safetensors
+    """
+
+
+ARCHIVE = click.argument("archive", type=click.Path(dir_okay=False))
+AS_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+ROUND = click.option("--round", "round_index", type=int, help="Round to read (default: the last complete one).")
+FORCE = click.option("--force", is_flag=True, help="Overwrite existing output files.")
+
+
+def _show(facts: dict, render, as_json: bool) -> None:
     import json
 
+    click.echo(json.dumps(facts, indent=2, allow_nan=False) if as_json else render(facts))
+
+
+@inspect.command("summary")
+@ARCHIVE
+@AS_JSON
+def inspect_summary(archive: str, as_json: bool) -> None:
+    """Provenance, rounds (sparsity, threshold, accuracy, stage times) and the last round's layers."""
     from hpcprune.inspect import render_summary, summary
 
-    facts = summary(archive)
-    click.echo(json.dumps(facts, indent=2) if as_json else render_summary(facts))
+    _show(summary(archive), render_summary, as_json)
+
+
+@inspect.command("layers")
+@ARCHIVE
+@ROUND
+@AS_JSON
+def inspect_layers(archive: str, round_index: int | None, as_json: bool) -> None:
+    """One round's per-tensor table with score statistics (recomputed from the recorded weights)."""
+    from hpcprune.inspect import layers, render_layers
+
+    _show(layers(archive, round_index), render_layers, as_json)
+
+
+@inspect.command("diff")
+@click.argument("first", type=click.Path(dir_okay=False))
+@click.argument("second", type=click.Path(dir_okay=False))
+@ROUND
+@AS_JSON
+def inspect_diff(first: str, second: str, round_index: int | None, as_json: bool) -> None:
+    """Per-tensor agreement of two runs' masks (identical bits, Jaccard) and their metrics side by side."""
+    from hpcprune.diff import diff, render_diff
+
+    _show(diff(first, second, round_index), render_diff, as_json)
+
+
+@inspect.command("plot")
+@ARCHIVE
+@click.option("--out", help="Folder for the PNG files (default: <archive stem>-plots beside the archive).")
+@FORCE
+def inspect_plot(archive: str, out: str | None, force: bool) -> None:
+    """PNG figures: per-layer sparsity, accuracy/loss against sparsity, fine-tuning, score histograms."""
+    from pathlib import Path
+
+    from hpcprune.plots import write_plots
+
+    written = write_plots(archive, out or Path(archive).with_name(f"{Path(archive).stem}-plots"), force=force)
+    click.echo("\n".join([*(f"wrote {file}" for file in written["files"]),
+                          *(f"left out {name}: {reason}" for name, reason in written["skipped"].items())]))
+
+
+@inspect.command("masks")
+@ARCHIVE
+@ROUND
+@click.option("--out", required=True, help="safetensors file to write (bool tensors, True = kept).")
+@FORCE
+def inspect_masks(archive: str, round_index: int | None, out: str, force: bool) -> None:
+    """One round's masks as a safetensors file of bool tensors, for use without hpcprune."""
+    from hpcprune.mask_export import export_masks
+
+    written = export_masks(archive, out, round_index, force=force)
+    click.echo(f"wrote {written['out']}: round {written['round']}, {written['tensors']} masks, {written['bytes']} bytes")
+
+
+@cli.command()
+@ARCHIVE
+@click.option("--out", help="HTML file to write (default: <archive stem>.html beside the archive).")
+@FORCE
+def report(archive: str, out: str | None, force: bool) -> None:
+    """One self-contained HTML page with the summary and the figures (opens in any browser)."""
+    from pathlib import Path
+
+    from hpcprune.report import write_report
+
+    written = write_report(archive, out or Path(archive).with_suffix(".html"), force=force)
+    click.echo("\n".join([f"wrote {written['out']}",
+                          *(f"left out {name}: {reason}" for name, reason in written["skipped"].items())]))
 
 
 @cli.command()

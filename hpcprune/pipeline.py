@@ -348,7 +348,8 @@ def _record_round(job, masks: dict[str, tuple[EncodedMask, int]], round_index, t
     )
     archive = Archive.at(job.path)
     archive.write_round(round_index, attrs=attrs,
-                        masks=packed, layers=layers, history=[asdict(record) for record in history])
+                        masks=packed, layers=layers, history=[asdict(record) for record in history],
+                        progress=job.config.progress)
     archive.mark_checkpoint(round_index, relative_state)
 
 

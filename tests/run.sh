@@ -7,8 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real data, and a real MPI for the distributed tests (mpirun, and mpi4py builds against it).
-SYSTEM_PACKAGES=(dataset-fashion-mnist openmpi-bin libopenmpi-dev)
+# Real data, a real MPI for the distributed tests (mpirun, and mpi4py builds against it), and a
+# browser that opens the HTML report (headless Chromium).
+SYSTEM_PACKAGES=(dataset-fashion-mnist openmpi-bin libopenmpi-dev chromium)
 missing=()
 for package in "${SYSTEM_PACKAGES[@]}"; do dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package"); done
 if [ ${#missing[@]} -gt 0 ]; then
