@@ -18,7 +18,7 @@ from torch import nn
 from hpcprune.config import PruneConfig, ScheduleConfig, load_config
 from hpcprune.errors import UsageError
 from hpcprune.masks import MaskEnforcer, apply_masks, unpack_mask
-from hpcprune.models import LeNet5, LeNet300, ResNet8
+from hpcprune.models import LeNet5, LeNet300, ResNet8, load_checkpoint
 from hpcprune.plan import make_plan
 from hpcprune.select import prune_count
 from hpcprune.structure import ChannelGroup, channel_groups, kept_channels, trace_channels
@@ -356,23 +356,25 @@ def test_compaction_groups_name_the_modules_the_exporter_shrinks():
 def test_cli_prunes_whole_resnet8_channels_and_records_them(tmp_path):
     out = tmp_path / "run.h5"
     finished = run_cli("prune", "--config", str(CONFIGS / "structured_resnet8.yaml"), "--out", str(out),
-                       *[f"--set={o}" for o in ("data.dataset=synthetic", "data.synthetic_size=256",
-                                                 "data.validation_size=64", "pretrain.epochs=0",
+                       *[f"--set={o}" for o in ("data.dataset=synthetic", "data.synthetic_size=128",
+                                                 "data.validation_size=32", "pretrain.epochs=0",
                                                  "finetune.epochs=1", "progress=false")])
     assert finished.returncode == 0, finished.stderr
     model = ResNet8()
     channels = pruning(model)
-    shapes = dict((name, tuple(p.shape)) for name, p in model.named_parameters())
-    final = {name: unpack_mask(packed, shapes[name]) for name, packed in archive_masks(out, 2).items()}
+    pruned = sum(prune_count(0.5, group.size) for group in channels.groups)  # the config's rule: layer
+    shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+    packed = archive_masks(out, 2)
+    final = {name: unpack_mask(bits, shapes[name]) for name, bits in packed.items()}
     with h5py.File(out, "r") as archive:
         attrs = archive["rounds/0002"].attrs
         assert int(attrs["channels_total"]) == channels.channels == 224
-        assert int(attrs["channels_kept"]) == 224 - prune_count(0.5, 224)
+        assert int(attrs["channels_kept"]) == 224 - pruned
         assert int(attrs["kept"]) == sum(int(mask.sum()) for mask in final.values())
         state_file = out.parent / attrs["state_file"]
-    from hpcprune.models import load_checkpoint
-
-    load_checkpoint(model, state_file)
-    assert assert_whole_channels_dead(model, channels, final) == prune_count(0.5, 224)
-    first = archive_masks(out, 1)
-    assert all(not np.any(np.unpackbits(archive_masks(out, 2)[n]) & ~np.unpackbits(first[n])) for n in first)
+    load_checkpoint(model, state_file)  # the fine-tuned weights of the last round
+    assert assert_whole_channels_dead(model, channels, final) == pruned
+    for group in channels.groups:
+        assert kept_channels(group, final).numel() == group.size - prune_count(0.5, group.size)
+    first = archive_masks(out, 1)  # round 2 prunes on top of round 1
+    assert all(not np.any(np.unpackbits(packed[name]) & ~np.unpackbits(first[name])) for name in first)
