@@ -29,13 +29,17 @@ METADATA_KEY = "hpcprune.sparse"
 SEPARATOR = "::"  # cannot occur in a parameter name: "." and "/" do, ":" never
 
 
-def encode_sparse(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) to write with safetensors; `masks` covers the prunable tensors of `state`."""
+def encode_sparse(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+                  only: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) to write with safetensors; `masks` covers the prunable tensors of `state`.
+
+    Each masked tensor gets its smallest encoding, or `only` that one (one of `PARTS`).
+    """
     tensors: dict[str, torch.Tensor] = {}
     layout = {}
     for name, tensor in state.items():
         tensor = tensor.detach().cpu().contiguous()
-        encoding, parts = _smallest_encoding(tensor, masks.get(name))
+        encoding, parts = _smallest_encoding(tensor, masks.get(name), only)
         tensors.update({f"{name}{SEPARATOR}{part}": value for part, value in parts.items()})
         layout[name] = {"encoding": encoding, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
     return tensors, {METADATA_KEY: json.dumps(layout)}
@@ -62,12 +66,14 @@ def encoding_counts(metadata: Mapping[str, str]) -> dict[str, int]:
 # --- encodings -------------------------------------------------------------------------------
 
 
-def _smallest_encoding(tensor: torch.Tensor, mask: torch.Tensor | None) -> tuple[str, dict[str, torch.Tensor]]:
+def _smallest_encoding(tensor: torch.Tensor, mask: torch.Tensor | None, only: str | None) -> tuple[str, dict[str, torch.Tensor]]:
     candidates = {"dense": {"dense": tensor}}
     if mask is not None:
         candidates["bitmask"] = _bitmask(tensor, mask)
         if tensor.dim() >= 1 and tensor.numel():
             candidates["csr"] = _csr(tensor, mask)
+        if only is not None:
+            return only, candidates[only]
     # Ties go to the first candidate: dense, then bitmask, then CSR (the simpler reader).
     return min(candidates.items(), key=lambda item: sum(part.nbytes for part in item[1].values()))
 

@@ -16,6 +16,8 @@ import math
 import h5py
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from hpcprune.cli import main
@@ -24,7 +26,7 @@ from hpcprune.export import count_flops, export, load_exported
 from hpcprune.models import build_model
 from hpcprune.pipeline import run
 from hpcprune.quantize import int8_parameters, quantize_int8
-from hpcprune.sparse_format import decode_sparse, encode_sparse
+from hpcprune.sparse_format import PARTS, decode_sparse, encode_sparse
 from hpcprune.world import SingleWorld
 from tests.helpers import run_cli
 
@@ -68,7 +70,7 @@ def exports_of(archive) -> list[dict]:
 
 
 def bits(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().numpy().tobytes()
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 # --- compact ---------------------------------------------------------------------------------
@@ -127,6 +129,20 @@ def test_sparse_encodings_round_trip_bit_for_bit():
     # bitmask costs 1/32 of dense float32 plus the kept values: dense wins above 31/32 density
     assert encodings["dense_ish"]["encoding"] == "dense" and encodings["sparse"]["encoding"] == "csr"
     assert tensors["wide::col"].dtype == torch.int32  # 40000 columns do not fit int16
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), columns=st.integers(1, 70), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**31),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
+def test_any_mask_round_trips_in_every_encoding(rows, columns, density, seed, dtype):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, columns, generator=generator) < density
+    tensor = torch.randn(rows, columns, generator=generator).to(dtype).masked_fill(~mask, 0.0)
+    for encoding in PARTS:  # each encoding on its own, not only the one that wins on size
+        tensors, metadata = encode_sparse({"w": tensor}, {"w": mask}, only=encoding)
+        assert set(tensors) == {f"w::{part}" for part in PARTS[encoding]}
+        decoded = decode_sparse(tensors, metadata)["w"]
+        assert decoded.dtype == dtype and bits(decoded) == bits(tensor), encoding
 
 
 def test_sparse_export_restores_the_masked_state_exactly(unstructured, tmp_path):
