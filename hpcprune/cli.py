@@ -1,4 +1,4 @@
-"""The command line: `hpcprune prune` and `hpcprune inspect`.
+"""The command line: `hpcprune prune`, `submit`, `inspect`, `report` and `export`.
 
     hpcprune prune --config configs/quickstart.yaml [--set prune.sparsity=0.8] [--out run.h5] [--resume|--force]
     hpcprune submit --config configs/quickstart.yaml --tasks-per-node 4 [--wait]
