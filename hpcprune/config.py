@@ -189,6 +189,58 @@ class OutputConfig(Section):
     """Archive to write; model states go to `<path minus .h5>.states/` beside it."""
 
 
+class FanoutSlurmConfig(Section):
+    partition: str | None = None
+    """Partition of the scoring array jobs (None: the cluster's default)."""
+    time_min: int = Field(10, gt=0)
+    """Time limit of each array task, in minutes."""
+    cpus_per_task: int = Field(1, gt=0)
+    mem_gb: float | None = Field(None, gt=0)
+    """Memory per task (None: the partition's default)."""
+    array_parallelism: int | None = Field(None, gt=0)
+    """Most array tasks running at once (None: all of them)."""
+
+
+class FanoutDaskConfig(Section):
+    address: str | None = None
+    """Scheduler of a running dask cluster (tcp://host:8786); None: start `cluster` for the run."""
+    cluster: Literal["local", "slurm"] = "local"
+    """local: a LocalCluster of worker processes; slurm: dask-jobqueue's SLURMCluster, one job per
+    worker, with the `fanout.slurm` partition, time, CPUs and memory."""
+    workers: int = Field(2, gt=0)
+
+
+class FanoutConfig(Section):
+    backend: str = "world"
+    """world: score in this process's ranks (one process, mpirun, srun, torchrun); slurm-array: each
+    stage of selection as a submitit job array of `shards` tasks; dask: as `shards` tasks on dask
+    workers; inline: the staged tasks one after another in this process (debugging)."""
+    shards: int = Field(2, gt=0)
+    """Tasks the tensors are split into (balanced by element count, like ranks)."""
+    retries: int = Field(2, ge=0)
+    """Times a task that failed (killed, node lost) is started again, alone."""
+    linger_s: float = Field(30.0, ge=0)
+    """How long a task waits for the other tasks' sums before it stops, to be started again for the
+    next stage (it waits without using a CPU, but holds its slot)."""
+
+    slurm: FanoutSlurmConfig = Field(default_factory=FanoutSlurmConfig)
+    dask: FanoutDaskConfig = Field(default_factory=FanoutDaskConfig)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        from hpcprune.fanout import check_backend  # late: fanout imports torch
+
+        check_backend(name)
+        return name
+
+    @model_validator(mode="after")
+    def _slurm_workers_need_memory(self) -> FanoutConfig:
+        if self.backend == "dask" and self.dask.cluster == "slurm" and self.slurm.mem_gb is None:
+            raise ValueError("fanout.dask.cluster 'slurm' needs fanout.slurm.mem_gb (dask-jobqueue asks for it)")
+        return self
+
+
 class RunConfig(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -204,6 +256,8 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    fanout: FanoutConfig = Field(default_factory=FanoutConfig)
+    """How selection is spread: this process's ranks, or staged tasks on a SLURM job array or dask."""
 
     @model_validator(mode="after")
     def _rewind_needs_dense_training(self) -> RunConfig:
@@ -236,6 +290,22 @@ class RunConfig(Section):
         if self.schedule.kind not in CHANNEL_SCHEDULES:
             raise ValueError(f"schedule.kind {self.schedule.kind!r} does not apply to channels; "
                              f"use {', '.join(CHANNEL_SCHEDULES)}")
+        return self
+
+    @model_validator(mode="after")
+    def _fanout_scores_weights_alone(self) -> RunConfig:
+        """Fanned-out tasks score single weights from the weights alone: no channels, no calibration data."""
+        from hpcprune.calibrate import needs_calibration
+        from hpcprune.fanout import IN_WORLD
+
+        if self.fanout.backend == IN_WORLD:
+            return self
+        if self.prune.granularity != "weight":
+            raise ValueError(f"fanout.backend {self.fanout.backend!r} selects single weights: "
+                             f"prune.granularity {self.prune.granularity!r} needs fanout.backend {IN_WORLD!r}")
+        if needs_calibration(self.prune.criterion):
+            raise ValueError(f"fanout.backend {self.fanout.backend!r}: criterion {self.prune.criterion!r} needs "
+                             f"calibration data, which the tasks do not have; use fanout.backend {IN_WORLD!r}")
         return self
 
     def to_yaml(self) -> str:
