@@ -16,7 +16,10 @@ Layout, format 1 (readable with plain h5py, h5dump or HDFView; nothing is pickle
                            highest bit), uint8, chunked + gzip + fletcher32; attrs name, shape, kept
     /rounds/<NNNN>/metrics table (name, numel, kept, sparsity)
     /rounds/<NNNN>/history table (epoch, train_loss, eval_loss, eval_accuracy)
-    /checkpoint            attrs round (last complete), state_file
+    /checkpoint            attrs round (last complete), state_file; after a stop mid-training also
+                           training_stage (0: dense training, r: fine-tuning of round r), training_epoch (epochs
+                           done), training_model_file (safetensors), training_state_file (optimizer, LR
+                           schedule, epoch records, RNG; torch.save read with weights_only): see epoch_checkpoint
 /events                table (time, kind, detail), one row per start, resume, interruption and finish,
                        appended by rank 0: the run's provenance
 /exports/<NNNN>        attrs only, one group per `hpcprune export` (numbered from 1): format, round, path (of the
@@ -197,6 +200,15 @@ class Archive:
             checkpoint = file.require_group("checkpoint")
             checkpoint.attrs["round"] = int(round_index)
             checkpoint.attrs["state_file"] = "" if state_file is None else self._relative(state_file)
+            file.flush()
+
+    def mark_training(self, stage: int, epoch: int, model_file: str | Path, state_file: str | Path) -> None:
+        """Resume continues training stage `stage` after `epoch` epochs from these files."""
+        with open_h5(self.path, "a") as file:
+            checkpoint = file.require_group("checkpoint")
+            checkpoint.attrs.update(training_stage=int(stage), training_epoch=int(epoch),
+                                    training_model_file=self._relative(model_file),
+                                    training_state_file=self._relative(state_file))
             file.flush()
 
     def record_event(self, kind: str, detail: str = "") -> None:

@@ -1,6 +1,7 @@
-"""The command line: `hpcprune prune` and `hpcprune inspect`.
+"""The command line: `hpcprune prune`, `submit`, `inspect`, `report` and `export`.
 
     hpcprune prune --config configs/quickstart.yaml [--set prune.sparsity=0.8] [--out run.h5] [--resume|--force]
+    hpcprune submit --config configs/quickstart.yaml --tasks-per-node 4 [--wait]
     hpcprune inspect [summary|layers|diff|plot|masks] run.h5 ...
     hpcprune report run.h5 --out report.html
     hpcprune export run.h5 --format sparse --out model.safetensors
@@ -45,18 +46,22 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
       hpcprune prune --config configs/quickstart.yaml
       hpcprune prune --config configs/quickstart.yaml --set prune.sparsity=0.95 --out runs/s95.h5
       mpirun -n 4 hpcprune prune --config configs/oneshot_global.yaml
+
+    SIGUSR1 or SIGTERM stops the run at its next safe point, requeues a SLURM job and exits 75.
     """
+    from hpcprune import preempt
     from hpcprune.config import load_config
     from hpcprune.pipeline import run
     from hpcprune.world import detect_world
 
+    preempt.listen()  # first: from here on a signal can no longer kill the run mid-write
     if resume and force:
         raise UsageError("--resume and --force contradict each other: pick one")
     all_overrides = list(overrides) + ([f"output.path={out}"] if out else [])
     config = load_config(config_path, all_overrides)
     world = detect_world()
     _setup_logging(world.rank, quiet)
-    with ends_every_rank_on_failure(world):
+    with ends_every_rank_on_failure(world), preempt.exits_when_preempted(world):
         result = run(config, world, resume=resume, force=force)
     world.close()
     if world.is_root:
@@ -72,6 +77,52 @@ def _final_summary(result) -> str:
     lines.append(f"sparsity             {100 * result.achieved_sparsity:.4f} % achieved, {100 * result.target_sparsity:.4f} % asked "
                  f"({result.kept} of {result.total} prunable weights kept)")
     return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (default: all defaults).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--out", help="Archive to write (overrides output.path).")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--tasks-per-node", type=click.IntRange(min=1), default=1, show_default=True, help="Ranks per node.")
+@click.option("--gpus-per-task", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--time", "time_min", type=click.IntRange(min=1), default=60, show_default=True, help="Time limit in minutes.")
+@click.option("--partition", help="SLURM partition (default: the cluster's default).")
+@click.option("--cluster", type=click.Choice(["slurm", "local"]), help="Default: slurm when sbatch is on PATH, else local processes.")
+@click.option("--wait", is_flag=True, help="Wait for the job and print the run's summary.")
+@click.option("--resume", is_flag=True, help="Continue the run recorded in the archive.")
+@click.option("--force", is_flag=True, help="Overwrite an existing archive.")
+def submit(config_path: str | None, overrides: tuple[str, ...], out: str | None, nodes: int, tasks_per_node: int,
+           gpus_per_task: int, time_min: int, partition: str | None, cluster: str | None, wait: bool, resume: bool,
+           force: bool) -> None:
+    """Submit the run as a batch job through submitit; it is requeued and resumes when preempted.
+
+    \b
+    Examples:
+      hpcprune submit --config configs/quickstart.yaml --tasks-per-node 4 --time 120
+      hpcprune submit --config configs/oneshot_global.yaml --nodes 2 --partition gpu --gpus-per-task 1 --wait
+    """
+    import math
+    from pathlib import Path
+
+    from hpcprune.config import load_config
+    from hpcprune.launch.submit import SubmitOptions, submit as submit_job
+
+    if resume and force:
+        raise UsageError("--resume and --force contradict each other: pick one")
+    config = load_config(config_path, list(overrides) + ([f"output.path={out}"] if out else []))
+    options = SubmitOptions(nodes, tasks_per_node, gpus_per_task, time_min, partition, cluster)
+    job = submit_job(config, options, resume=resume, force=force)
+    click.echo(f"job {job.job_id} submitted\narchive {Path(config.output.path).absolute()}\n"
+               f"logs {job.paths.stdout} (and .err)")
+    if wait:
+        try:
+            result = job.results()[0]  # rank 0's; the other tasks return None
+        except Exception as error:  # submitit re-raises the job's failure here
+            raise click.ClickException(f"job {job.job_id} did not complete (log: {job.paths.stderr}):\n{error}") from None
+        click.echo(_final_summary(result))
+        if math.isfinite(result.final_accuracy):
+            click.echo(f"pruned test accuracy {100 * result.final_accuracy:.2f} %")
 
 
 class _SummaryByDefault(click.Group):

@@ -119,7 +119,10 @@ def _live_channels(group: ChannelGroup, modules: Mapping[str, nn.Module]) -> tor
         if module.bias is not None:
             live |= module.bias != 0
     for name in group.norms:
-        live |= (modules[name].weight != 0) | (modules[name].bias != 0)
+        norm = modules[name]
+        if norm.weight is None or norm.bias is None:  # without an affine, BatchNorm turns 0 into -mean/std
+            return torch.arange(count)
+        live |= (norm.weight != 0) | (norm.bias != 0)
     if not live.any():  # a layer of width 0 would not run: keep one silent channel instead
         live[0] = True
     return live.nonzero().flatten()

@@ -11,8 +11,8 @@ With masks, pruned weights stay exactly 0.0 (see `hpcprune.masks.MaskEnforcer`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +35,32 @@ class EpochRecord:
     train_loss: float  # mean cross-entropy over the epoch's training batches of all ranks
     eval_loss: float  # NaN when there is no evaluation data
     eval_accuracy: float
+
+
+@dataclass
+class TrainingState:
+    """Everything `train` carries from one epoch to the next: what a checkpoint must hold to continue."""
+
+    model: nn.Module  # possibly DDP-wrapped
+    optimizer: Optimizer
+    schedule: LRScheduler
+    epochs: int  # the whole run's epoch count
+    records: list[EpochRecord] = field(default_factory=list)  # one per epoch done
+
+    @property
+    def epoch(self) -> int:
+        """Epochs done so far."""
+        return len(self.records)
+
+
+class Resumable(Protocol):
+    """Lets a run continue an interrupted `train` (see `hpcprune.epoch_checkpoint`)."""
+
+    def restore(self, state: TrainingState) -> None:
+        """Load a saved state into `state` before the first epoch, or leave it fresh."""
+
+    def after_epoch(self, state: TrainingState) -> None:
+        """Called on every rank after each epoch; may save `state` and stop the run by raising."""
 
 
 # (logits, targets, inputs) -> scalar loss to minimise; plain cross-entropy when none is given
@@ -88,14 +114,16 @@ def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
 def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, *, world: World, device: torch.device,
           seed: int, batch_size: int, eval_batch_size: int, masks: Mapping[str, torch.Tensor] | None = None,
           progress: bool = False, describe: str = "train",
-          on_epoch_end: Callable[[EpochRecord], None] | None = None, loss_fn: LossFn | None = None,
+          on_epoch_end: Callable[[EpochRecord], None] | None = None,
+          resumable: Resumable | None = None, loss_fn: LossFn | None = None,
           after_step: Callable[[MaskEnforcer | None], None] | None = None) -> list[EpochRecord]:
     """Train `model` (already on `device`, possibly DDP-wrapped) for `cfg.epochs` epochs.
 
     `eval_data` (None: no evaluation) is evaluated after every epoch; `on_epoch_end` receives each
-    epoch's record, e.g. to checkpoint. `loss_fn(logits, targets, inputs)` replaces the cross-entropy
-    (distillation); `after_step` runs after every optimizer step with the mask enforcer (the gradual
-    schedule moves the masks there). Returns one record per epoch.
+    epoch's record. `resumable` may start from a saved epoch and save the state after any epoch.
+    `loss_fn(logits, targets, inputs)` replaces the cross-entropy (distillation); `after_step` runs
+    after every optimizer step with the mask enforcer (the gradual schedule moves the masks there).
+    Returns one record per epoch.
     """
     torch.manual_seed(seed)  # dropout and any other randomness of the model's forward
     optimizer = build_optimizer(model.parameters(), cfg.optimizer)
@@ -106,8 +134,11 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, *, world: W
         enforcer = MaskEnforcer(model, masks, optimizer)
     loader = make_loader(train_data, batch_size, shuffle=True, seed=seed, world=world)
 
-    records = []
-    for epoch in range(cfg.epochs):
+    state = TrainingState(model, optimizer, schedule, cfg.epochs)
+    if resumable is not None:
+        resumable.restore(state)
+    records = state.records
+    for epoch in range(state.epoch, cfg.epochs):
         set_epoch(loader, epoch)
         batches = _progress_bar(loader, f"{describe} {epoch + 1}/{cfg.epochs}") if progress and world.is_root else loader
         train_loss = one_epoch(model, batches, optimizer, enforcer, world=world, device=device,
@@ -117,6 +148,8 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, *, world: W
         records.append(EpochRecord(epoch + 1, train_loss, eval_loss, eval_accuracy))
         if on_epoch_end is not None:
             on_epoch_end(records[-1])
+        if resumable is not None:
+            resumable.after_epoch(state)
     return records
 
 

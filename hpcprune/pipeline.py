@@ -28,6 +28,7 @@ from hpcprune.archive_reader import open_archive
 from hpcprune.config import CHECKPOINT_MODEL, RunConfig
 from hpcprune.data import Splits, load_data
 from hpcprune.errors import UsageError
+from hpcprune.epoch_checkpoint import EpochCheckpoint, SavedTraining
 from hpcprune.fanout import IN_WORLD, select_fanned_out
 from hpcprune.finetune import evaluate, resolve_device, train
 from hpcprune.launch.ddp import wrap_for_training
@@ -35,6 +36,7 @@ from hpcprune.mask_codec import EncodedMask, encode_mask
 from hpcprune.masks import apply_masks, packed_kept, unpack_mask
 from hpcprune.models import build_model, load_checkpoint, save_checkpoint
 from hpcprune.plan import Plan, make_plan
+from hpcprune.preempt import stop_here
 from hpcprune.schedule import round_targets
 from hpcprune.distill import distillation_loss
 from hpcprune.gradual import GradualPruner, first_target
@@ -70,6 +72,7 @@ class ResumePoint:
     dense_accuracy: float | None = None
     last_round: int = 0  # last complete round (0: none)
     round_state: str | None = None  # model state after that round
+    training: dict | None = None  # a training stage stopped mid-way (fields of SavedTraining)
 
 
 @dataclass
@@ -86,17 +89,20 @@ class Job:
     splits: Splits | None = None
     masks: PackedMasks = field(default_factory=dict)  # every tensor's (module) or this rank's (checkpoint)
     channels: ChannelPruning | None = None  # prune.granularity channel: the model's channel groups
+    saved_training: SavedTraining | None = None  # where an interrupted training stage continues
 
 
 def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = False) -> RunResult:
     job = _checkpoint_job(config, world) if config.model.name == CHECKPOINT_MODEL else _model_job(config, world)
     point = _open_archive(job, resume=resume, force=force)
+    job.saved_training = SavedTraining(**point.training) if point.training else None
     dense_accuracy = _dense_model(job, point) if job.model is not None else math.nan
     job.masks = _resume_masks(job, point)
 
     targets = round_targets(config.schedule, config.prune.sparsity)
     accuracy = dense_accuracy
     for round_index in range(point.last_round + 1, len(targets) + 1):
+        stop_here(world, job.path, f"before round {round_index}")  # a safe point (hpcprune.preempt)
         accuracy = _prune_round(job, round_index, len(targets), targets[round_index - 1])
     if point.last_round == len(targets) and job.model is not None:
         accuracy = evaluate(job.model, job.splits.test, world=world, device=job.device,
@@ -143,7 +149,8 @@ def _open_archive(job: Job, *, resume: bool, force: bool) -> ResumePoint:
             archive = Archive.open_resume(job.path, config_yaml=config_yaml, world_size=job.world.size)
             point = _read_resume_point(job.path, archive)
             log.info("resuming %s after round %d", job.path, point.last_round)
-            archive.record_event("resume", f"after round {point.last_round} on {_where(job.world)}")
+            training = point.training and f", training stage {point.training['stage']} after epoch {point.training['epoch']}"
+            archive.record_event("resume", f"after round {point.last_round}{training or ''} on {_where(job.world)}")
         else:
             archive = Archive.create(job.path, config_yaml=config_yaml, model_name=job.config.model.name,
                                      params=_param_table(job), world_size=job.world.size, backend=job.world.name,
@@ -184,7 +191,15 @@ def _read_resume_point(path: Path, archive: Archive) -> ResumePoint:
         # The round's own state, not /checkpoint: a kill between marking the round complete and
         # moving the checkpoint would otherwise pair this round's masks with the previous weights.
         round_state=reader.rounds()[-1]["state_file"] if rounds else None,
+        training=_saved_training(reader.checkpoint, dense_done=bool(dense), last_round=max(rounds, default=0)),
     )
+
+
+def _saved_training(checkpoint: dict | None, *, dense_done: bool, last_round: int) -> dict | None:
+    """The interrupted training stage resume continues, if it is the next stage to run."""
+    saved = SavedTraining.from_checkpoint(checkpoint)
+    next_stage = last_round + 1 if dense_done else 0
+    return asdict(saved) if saved is not None and saved.stage == next_stage else None
 
 
 # --- dense model -----------------------------------------------------------------------------
@@ -200,7 +215,7 @@ def _dense_model(job: Job, point: ResumePoint) -> float:
     history = []
     if not config.model.checkpoint and config.pretrain.epochs:
         log.info("no checkpoint given: training the dense model for %d epochs", config.pretrain.epochs)
-        history = _train(job, config.pretrain, masks=None, seed=config.seed, label="dense",
+        history = _train(job, config.pretrain, masks=None, seed=config.seed, label="dense", stage=0,
                          on_epoch_end=RewindRecorder(job.model, job.path, world, config.schedule.rewind_epoch))
     loss, accuracy = _test(job)
     log.info("dense model: test accuracy %.2f %%", 100 * accuracy)
@@ -255,7 +270,7 @@ def _prune_round(job: Job, round_index: int, rounds: int, target: float) -> floa
                                          lambda sparsity: _reselect(job, sparsity), seed=config.seed + round_index)
         hooks = dict(after_step=pruner, loss_fn=distillation_loss(config.distill, job.model, state_path(job.path, "dense")))
         history = _train(job, config.finetune, masks=masks, seed=config.seed + round_index, label=f"round {round_index}",
-                         **hooks)
+                         stage=round_index, **hooks)
         selection = selection if pruner is None else pruner.selection  # gradual: the last update's masks
         loss, accuracy = _test(job)
     seconds["finetune"] = time.perf_counter() - started
@@ -380,14 +395,15 @@ def _kept(job: Job) -> int:
     return sum(packed_kept(job.masks[spec.name]) if spec.name in job.masks else spec.numel for spec in local)
 
 
-def _train(job: Job, train_config, *, masks, seed, label, **hooks):
+def _train(job: Job, train_config, *, masks, seed, label, stage, **hooks):
     if not train_config.epochs:
         return []
     config = job.config
     model = wrap_for_training(job.model, job.world, job.device)
+    resumable = EpochCheckpoint(job.world, job.path, stage, label, job.saved_training)
     return train(model, job.splits.train, job.splits.validation, train_config, world=job.world, device=job.device,
                  seed=seed, batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
-                 masks=masks, progress=config.progress, describe=label, **hooks)
+                 masks=masks, progress=config.progress, describe=label, resumable=resumable, **hooks)
 
 
 def _test(job: Job) -> tuple[float, float]:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_fixtures import local_slurm  # noqa: F401  (session fixture: the local SLURM)
+
 FASHION_MNIST = Path(os.environ.get("HPCPRUNE_DATA", "/usr/share/datasets/fashion-mnist"))
 
 

@@ -21,12 +21,14 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from hpcprune.cli import main
+from hpcprune.compact import compact_model
 from hpcprune.config import ModelConfig, load_config
 from hpcprune.export import count_flops, export, load_exported
 from hpcprune.models import build_model
 from hpcprune.pipeline import run
 from hpcprune.quantize import int8_parameters, quantize_int8
 from hpcprune.sparse_format import PARTS, decode_sparse, encode_sparse
+from hpcprune.structure import compaction_groups
 from hpcprune.world import SingleWorld
 from tests.helpers import run_cli
 
@@ -97,6 +99,35 @@ def test_compacted_model_computes_the_masked_one(structured, tmp_path):
         rows = dict(masked.named_parameters())[f"{group['group']}.weight"]
         assert group["kept"] == int((rows.reshape(rows.shape[0], -1) != 0).any(dim=1).sum())
     assert report.accuracy == pytest.approx(report.recorded_accuracy, abs=1.5 / 64)  # same predictions, up to float ties
+
+
+class ConvBnHead(torch.nn.Module):
+    def __init__(self, affine: bool):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, bias=False)
+        self.norm = torch.nn.BatchNorm2d(4, affine=affine)
+        self.head = torch.nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.head(torch.flatten(torch.relu(self.norm(self.conv(x))), 1))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_only_silent_channels_are_cut(affine):
+    """A channel goes only when it carries exactly 0.0: without a BatchNorm affine it carries -mean/std."""
+    model = ConvBnHead(affine).eval()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(0.5, 1.0)
+        model.conv.weight[1:3] = 0.0
+        if affine:
+            model.norm.weight[1:3] = 0.0
+            model.norm.bias[1:3] = 0.0
+    inputs = torch.randn(3, 1, 8, 8)
+    expected = model(inputs)
+    compaction = compact_model(model, compaction_groups(model))
+    assert compaction.channels == [("conv", 2 if affine else 4, 4)]
+    assert model.head.in_features == (2 if affine else 4) * 36 and tuple(model.norm.running_var.shape) == ((2,) if affine else (4,))
+    torch.testing.assert_close(model(inputs), expected)
 
 
 def test_int8_of_the_compacted_model(structured, tmp_path):
