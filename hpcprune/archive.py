@@ -31,7 +31,9 @@ is written "%2F" (HDF5 would read "/" as a subgroup); the `name` attr always hol
 Model states live in files beside the archive (`state_path`); the archive stores their paths relative
 to its own folder, so a run folder can be moved as a whole, and the reader returns absolute paths.
 
-Crash safety: every operation opens and closes the file, and a round is marked "complete" only after
+Crash safety: every update is made on a copy of the archive that replaces it once closed and synced
+(`archive_reader.ReplacingFile`): a kill or a full disk mid-update leaves the previous archive as it was.
+Within an update, a round is marked "complete" only after
 its data has been flushed, so a killed run leaves the earlier complete rounds readable; an incomplete
 round is ignored by readers and replaced on resume.
 """
@@ -53,7 +55,8 @@ import numpy as np
 import yaml
 
 import hpcprune
-from hpcprune.archive_reader import FORMAT, FORMAT_VERSION, open_archive, open_h5, round_groups, round_name
+from hpcprune.archive_reader import (FORMAT, FORMAT_VERSION, discard, open_archive, open_h5, round_groups, round_name,
+                                     write_error)
 from hpcprune.errors import UsageError
 from hpcprune.mask_codec import EncodedMask, encode_mask
 from hpcprune.progress import bar
@@ -124,10 +127,10 @@ class Archive:
                 _write_header(file, config_yaml, model_name, params, world_size, backend)
             os.replace(temporary, path)
         except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
+            discard(temporary)
+            raise write_error(path, error) from None
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            discard(temporary)
             raise
         return cls(path)
 
@@ -141,9 +144,10 @@ class Archive:
             key, stored, given = difference
             raise UsageError(f"{path}: cannot resume with a different config: {key} is {stored!r} in the archive "
                              f"and {given!r} now; resume with the same config or pass --force to start over")
+        _check_world_size(path, reader, world_size)
+        _check_resumable(path, reader)
         try:
             with open_h5(path, "a") as file:
-                # Masks do not depend on the world size, so a run may resume on another one; keep the latest.
                 file.attrs["world_size"] = world_size
                 file.attrs["resumed"] = _now()
         except OSError as error:
@@ -255,6 +259,25 @@ class Archive:
         merged["threshold"] = math.nan if merged["threshold"] is None else float(merged["threshold"])
         merged["state_file"] = "" if not merged["state_file"] else self._relative(merged["state_file"])
         return merged
+
+
+def _check_world_size(path: Path, reader, world_size: int) -> None:
+    """Masks do not depend on the world size, but training does (each rank trains on its own batches),
+    so a run that trains resumes only on the world size it trained on."""
+    stored = int(reader.attrs.get("world_size", world_size))
+    config = _flatten(_yaml_tree(reader.config_yaml))
+    trains = config.get("finetune.epochs", 0) or (config.get("pretrain.epochs", 0) and not config.get("model.checkpoint"))
+    if stored != world_size and trains:
+        raise UsageError(f"{path}: cannot resume on {world_size} rank(s) a run that trains on {stored}: the training "
+                         f"batches, and so the weights and masks, would differ; resume with {stored} rank(s) or pass --force")
+
+
+def _check_resumable(path: Path, reader) -> None:
+    """Before the archive is touched, the last complete round's masks, which resume reads, must pass
+    their checksums."""
+    rounds = reader.rounds()
+    if rounds:
+        reader.read_packed_masks(rounds[-1]["index"])
 
 
 def _write_header(file: h5py.File, config_yaml: str, model_name: str, params, world_size: int, backend: str) -> None:

@@ -10,6 +10,9 @@ not an archive, is truncated, or was written by a newer hpcprune is refused with
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,8 +118,58 @@ def open_archive(path: str | Path) -> ArchiveReader:
 
 
 def open_h5(path: Path, mode: str) -> h5py.File:
+    """Open an HDF5 file; an existing file opened to update ("a") is updated on a copy (`ReplacingFile`)."""
+    if mode == "a" and Path(path).is_file():
+        return ReplacingFile(Path(path))
     # best-effort: parallel file systems (Lustre, NFS) often refuse HDF5's file locks.
     return h5py.File(path, mode, locking="best-effort")
+
+
+class ReplacingFile(h5py.File):
+    """An update made on a copy of the file, which replaces the file only once closed and on disk.
+
+    HDF5 updates a file in place: a process killed, or a disk that fills, in the middle of an update
+    can leave a file that no reader opens any more. Here readers see the old file or the new one,
+    never a mix; a failed update leaves the old file untouched and names it in a one-line UsageError.
+    """
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.copy = target.with_name(f".{target.name}.{os.getpid()}.update")
+        try:
+            shutil.copyfile(target, self.copy)
+            super().__init__(self.copy, "a", locking="best-effort")
+        except OSError as error:
+            discard(self.copy)
+            raise write_error(target, error) from None
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            super().__exit__(kind, error, traceback)  # closing writes what HDF5 still caches
+            if error is None:
+                with open(self.copy, "rb+") as written:
+                    os.fsync(written.fileno())  # on disk before the rename makes it the file
+                os.replace(self.copy, self.target)
+                return
+        except OSError as failure:
+            error = error or failure
+        finally:
+            discard(self.copy)
+        if isinstance(error, OSError):
+            raise write_error(self.target, error) from None
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary file if it is there (unlink(missing_ok) still fails on a read-only file system)."""
+    if path.exists():
+        path.unlink()
+
+
+def write_error(path: Path, error: OSError) -> UsageError:
+    """A full disk, a quota, a read-only folder: one line with the file and the system's reason."""
+    found = re.search(r"errno = (\d+)", str(error))
+    code = error.errno or (int(found.group(1)) if found else None)
+    return UsageError(f"cannot write {path}: {os.strerror(code) if code else str(error).splitlines()[0]}")
 
 
 def open_checked(path: Path) -> h5py.File:

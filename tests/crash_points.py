@@ -1,0 +1,133 @@
+"""Kill points for the crash tests: the real CLI, SIGKILLed at the N-th time a run reaches a step.
+
+    HPCPRUNE_TEST_KILL=write_mask:3 HPCPRUNE_TEST_KILL_RANK=1 mpirun -n 2 python -m tests.crash_points prune --config ...
+    HPCPRUNE_TEST_COUNT=counts.json python -m tests.crash_points prune --config ...   # how often each point is reached
+
+Nothing here is reachable from `hpcprune` itself: the points are installed by wrapping functions of
+the real modules when this driver starts, and only when the environment asks for them. The kill is
+a real SIGKILL of the process (no exception, no cleanup, no atexit), as an OOM killer or a
+preempting scheduler would deliver it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib
+import json
+import os
+import signal
+import sys
+from collections import Counter
+
+# name -> (module, attribute, when): the step is killed just "before" or just "after" the call.
+POINTS = {
+    "create": ("hpcprune.archive", "_write_header", "after"),  # new archive written, not yet renamed into place
+    "event": ("hpcprune.archive:Archive", "record_event", "before"),
+    "save_state": ("hpcprune.models", "save_file", "after"),  # state file written to its temporary name
+    "score": ("hpcprune.scoring", "score_tensor", "before"),
+    "allreduce": ("world", "allreduce_sum", "before"),  # histograms of selection, metric sums
+    "gather": ("world", "gather_bytes", "before"),
+    "broadcast": ("world", "broadcast_bytes", "before"),
+    "batch": ("hpcprune.finetune", "one_epoch", "batch"),  # one training batch (dense or fine-tuning)
+    "write_mask": ("hpcprune.archive", "_write_mask", "after"),  # a round half written
+    "commit": ("hpcprune.archive", "_commit", "before"),  # data written, round not yet marked complete
+    "mark_checkpoint": ("hpcprune.archive:Archive", "mark_checkpoint", "before"),  # round complete, checkpoint not moved
+}
+
+counts: Counter[str] = Counter()
+
+
+def rank() -> int:
+    from hpcprune.world import launcher_rank
+
+    return launcher_rank()
+
+
+def _target() -> tuple[str, int] | None:
+    spec = os.environ.get("HPCPRUNE_TEST_KILL")
+    if not spec or int(os.environ.get("HPCPRUNE_TEST_KILL_RANK", "0")) != rank():
+        return None
+    point, _, nth = spec.partition(":")
+    return point, int(nth or 1)
+
+
+def reached(point: str) -> None:
+    counts[point] += 1
+    if (point, counts[point]) == _target():
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wrap(point: str, function, when: str):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if when == "before":
+            reached(point)
+        result = function(*args, **kwargs)
+        if when == "after":
+            reached(point)
+        return result
+
+    return wrapper
+
+
+def _counting_batches(batches):
+    for batch in batches:
+        reached("batch")
+        yield batch
+
+
+def _wrap_epoch(function):
+    @functools.wraps(function)
+    def wrapper(model, batches, *args, **kwargs):
+        return function(model, _counting_batches(batches), *args, **kwargs)
+
+    return wrapper
+
+
+def _wrap_world(detect):
+    """Collectives are methods of the World instance the run gets: wrap them on that instance."""
+
+    @functools.wraps(detect)
+    def wrapper():
+        world = detect()
+        for point, (module, attribute, when) in POINTS.items():
+            if module == "world":
+                setattr(world, attribute, _wrap(point, getattr(world, attribute), when))
+        return world
+
+    return wrapper
+
+
+def install() -> None:
+    for point, (module, attribute, when) in POINTS.items():
+        if module == "world":
+            continue
+        module_name, _, class_name = module.partition(":")
+        owner = importlib.import_module(module_name)
+        owner = getattr(owner, class_name) if class_name else owner
+        original = getattr(owner, attribute)
+        setattr(owner, attribute, _wrap_epoch(original) if when == "batch" else _wrap(point, original, when))
+    import hpcprune.world
+
+    hpcprune.world.detect_world = _wrap_world(hpcprune.world.detect_world)
+
+
+def _write_counts() -> None:
+    with open(f"{os.environ['HPCPRUNE_TEST_COUNT']}.{rank()}", "w") as file:
+        json.dump(dict(counts), file)
+
+
+def main() -> None:
+    install()
+    if os.environ.get("HPCPRUNE_TEST_COUNT"):
+        atexit.register(_write_counts)
+    from hpcprune.cli import main as cli_main
+
+    sys.argv = ["hpcprune", *sys.argv[1:]]
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
