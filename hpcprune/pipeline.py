@@ -28,7 +28,6 @@ from hpcprune.archive_reader import open_archive
 from hpcprune.config import CHECKPOINT_MODEL, RunConfig
 from hpcprune.data import Splits, load_data
 from hpcprune.errors import UsageError
-from hpcprune.errors import UsageError
 from hpcprune.epoch_checkpoint import EpochCheckpoint, SavedTraining
 from hpcprune.fanout import IN_WORLD, select_fanned_out
 from hpcprune.finetune import evaluate, resolve_device, train
@@ -147,7 +146,6 @@ def _open_archive(job: Job, *, resume: bool, force: bool) -> ResumePoint:
         config_yaml = job.config.to_yaml()
         if resume and job.path.exists():
             _check_states_exist(job.path)  # before open_resume writes: a refused resume changes nothing
-            _check_states_exist(job.path)  # before open_resume writes: a refused resume changes nothing
             archive = Archive.open_resume(job.path, config_yaml=config_yaml, world_size=job.world.size)
             point = _read_resume_point(job.path, archive)
             log.info("resuming %s after round %d", job.path, point.last_round)
@@ -171,15 +169,6 @@ def _param_table(job: Job) -> list[tuple[str, tuple[int, ...], bool]]:
     if job.model is None:
         return [(name, shape, name in prunable) for name, shape in job.weights.shapes.items()]
     return [(name, tuple(p.shape), name in prunable) for name, p in job.model.named_parameters()]
-
-
-def _check_states_exist(path: Path) -> None:
-    """The model states a resume continues from (dense, last complete round) must be on disk."""
-    reader = open_archive(path)
-    rounds = reader.rounds()
-    for state in filter(None, [(reader.dense or {}).get("state_file"), rounds[-1]["state_file"] if rounds else None]):
-        if not Path(state).is_file():
-            raise UsageError(f"{path}: cannot resume, the model state {state} it continues from is missing")
 
 
 def _check_states_exist(path: Path) -> None:
