@@ -96,10 +96,6 @@ class ChannelGroup:
     consumers: tuple[Slice, ...]  # input columns of the layers reading them (dim 1)
 
     @property
-    def name(self) -> str:
-        return self.producers[0].weight.removesuffix(".weight")
-
-    @property
     def weights(self) -> tuple[str, ...]:
         """Every Linear/Conv weight the group touches: producers' rows and consumers' columns."""
         return tuple(p.weight for p in self.producers) + tuple(c.name for c in self.consumers)
