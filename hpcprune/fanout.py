@@ -269,6 +269,16 @@ def run_stages(backend: Backend, files: RoundFiles, *, shards: int, retries: int
     """Start the tasks, sum each stage once every task answered it, and start again the tasks that
     stopped or failed before answering the stage in progress, until every task wrote its masks."""
     running: dict[int, Running] = {}
+    try:
+        _drive(backend, files, shards, retries, task, running)
+    except BaseException:
+        for job in running.values():  # a failed round leaves nothing running (nor holding a slot)
+            job.cancel()
+        raise
+
+
+def _drive(backend: Backend, files: RoundFiles, shards: int, retries: int, task: Task,
+           running: dict[int, Running]) -> None:
     failures: Counter[int] = Counter()
     stage = 1
     while True:
@@ -346,6 +356,9 @@ class Running(Protocol):
     def failure(self) -> str | None:
         """Once done: None if it returned, else one line saying what went wrong."""
 
+    def cancel(self) -> None:
+        """Stop it if it still runs (the round failed)."""
+
 
 @dataclass
 class Ended:
@@ -358,6 +371,9 @@ class Ended:
 
     def failure(self) -> str | None:
         return self.failure_line
+
+    def cancel(self) -> None:
+        pass
 
 
 class Backend(abc.ABC):

@@ -128,6 +128,9 @@ def test_inline_fanout_gives_the_single_process_masks_for_every_rule(references,
         mine = single_process_run(tmp_path, name, "fanout.backend=inline", "fanout.shards=3")
         assert_same_masks(mine, references / f"{name}.h5")
         assert not (tmp_path / f"{name}.fanout").exists(), "a collected round leaves no files behind"
+    # More shards than the tied model has tensors: the shards without one still take part in every sum.
+    mine = single_process_run(tmp_path / "many", "tied-global", "fanout.backend=inline", "fanout.shards=7")
+    assert_same_masks(mine, references / "tied-global.h5")
 
 
 def test_nan_scores_stop_every_shard_with_the_cause_and_are_not_retried(tmp_path, monkeypatch):
@@ -207,21 +210,12 @@ def test_a_task_that_keeps_failing_ends_the_round_naming_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slurm(request) -> None:
-    """SLURM answering sbatch: the project's local one (slurm/local.sh), started when not running."""
+def slurm(local_slurm) -> None:
+    """The project's local SLURM (tests/slurm_fixtures.py), and submitit to submit to it."""
     try:
         import submitit  # noqa: F401
     except ImportError:
         missing("submitit", "pip install -e '.[slurm]'")
-    try:
-        request.getfixturevalue("local_slurm")  # the project's session-wide SLURM, where conftest has it
-        return
-    except pytest.FixtureLookupError:
-        pass
-    started = subprocess.run(["bash", str(ROOT / "slurm" / "local.sh"), "start"], capture_output=True, text=True,
-                             timeout=600)  # idempotent: starts only what is not running
-    if started.returncode != 0:
-        missing("SLURM", f"bash slurm/local.sh start failed: {(started.stdout + started.stderr)[-2000:]}")
 
 
 def test_slurm_array_masks_equal_the_single_process_masks(slurm, references, tmp_path):
@@ -282,7 +276,11 @@ def test_dask_scheduler_address_masks_equal_the_single_process_masks(dask_schedu
         assert_same_masks(tmp_path / f"{name}.h5", references / f"{name}.h5")
 
 
-def test_dask_jobqueue_slurm_workers_give_the_same_masks(dask_distributed, slurm, references, tmp_path):
+def test_dask_jobqueue_slurm_workers_give_the_same_masks(dask_distributed, local_slurm, references, tmp_path):
+    try:
+        import dask_jobqueue  # noqa: F401
+    except ImportError:
+        missing("dask-jobqueue", "pip install -e '.[dask]'")
     fanned_out_runs(tmp_path, ["global"], "fanout.backend=dask", "fanout.dask.cluster=slurm", "fanout.slurm.mem_gb=1",
                     "fanout.dask.workers=2", "fanout.shards=2")
     assert_same_masks(tmp_path / "global.h5", references / "global.h5")

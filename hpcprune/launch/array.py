@@ -59,3 +59,6 @@ class ArrayTask:
             trace = [line for line in str(error).strip().splitlines() if not line.startswith("srun:")]
             return f"job {self.job.job_id}: {trace[-1]} (log: {self.job.paths.stderr})"
         return None
+
+    def cancel(self) -> None:
+        self.job.cancel(check=False)

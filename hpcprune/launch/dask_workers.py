@@ -70,3 +70,6 @@ class WorkerTask:
     def failure(self) -> str | None:
         error = self.future.exception()
         return None if error is None else f"{type(error).__name__}: {error}"
+
+    def cancel(self) -> None:
+        self.future.cancel()
