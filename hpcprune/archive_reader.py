@@ -73,6 +73,10 @@ class ArchiveReader:
                     raise UsageError(f"{self.path}: round {index}, mask {name} is corrupted ({error})") from None
                 yield name, packed, tuple(int(size) for size in dataset.attrs["shape"])
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each parameter's shape, from /model/params (stored as text: "300x784", "" for a scalar)."""
+        return {param["name"]: tuple(int(size) for size in param["shape"].split("x") if size) for param in self.params}
+
     def layers(self, index: int) -> list[dict[str, Any]]:
         with open_checked(self.path) as file:
             return [_row(row) for row in self._group(file, index)["metrics"][()]]

@@ -136,7 +136,6 @@ def _round_row(attrs: dict[str, Any]) -> dict[str, Any]:
 def _shapes(reader: ArchiveReader) -> dict[str, str]:
     return {param["name"]: param["shape"] for param in reader.params}
 
-
 def _first_time(events: list[dict[str, Any]], kinds: tuple[str, ...]) -> str | None:
     return next((event["time"] for event in events if event["kind"] in kinds), None)
 

@@ -30,19 +30,22 @@ def export_masks(path: str | Path, out: str | Path, round_index: int | None = No
     refuse_existing(out, force)
     reader = open_archive(path)
     index = complete_round(reader, round_index)["index"]
-    shapes = {param["name"]: [int(size) for size in param["shape"].split("x")] for param in reader.params}
+    shapes = reader.shapes()
     header, offset = {}, 0
-    for layer in reader.layers(index):
-        header[layer["name"]] = {"dtype": "BOOL", "shape": shapes[layer["name"]], "data_offsets": [offset, offset + layer["numel"]]}
+    for layer in reader.layers(index):  # the masks' order: the data follows the header in this order
+        header[layer["name"]] = {"dtype": "BOOL", "shape": list(shapes[layer["name"]]),
+                                 "data_offsets": [offset, offset + layer["numel"]]}
         offset += layer["numel"]
+    names = list(header)
     header["__metadata__"] = {"archive": Path(path).name, "round": str(index)}
     out = Path(out)
     with written_atomically(out) as temporary, open(temporary, "wb") as file:
         _write_header(file, header)
-        for _, packed, shape in reader.iter_packed_masks(index):
+        for expected, (name, packed, shape) in zip(names, reader.iter_packed_masks(index), strict=True):
+            assert name == expected, f"round {index}: mask {name} where the per-layer table has {expected}"
             bits = np.unpackbits(packed, count=int(np.prod(shape)), bitorder="big")  # 0/1 bytes: safetensors BOOL
             file.write(bits.tobytes())
-    return {"archive": str(path), "round": index, "out": str(out), "tensors": len(header) - 1, "bytes": offset}
+    return {"archive": str(path), "round": index, "out": str(out), "tensors": len(names), "bytes": offset}
 
 
 def _write_header(file, header: dict[str, Any]) -> None:

@@ -71,6 +71,9 @@ def round_scores(reader: ArchiveReader, index: int, bins: int = 0) -> RoundScore
     config = load_config_text(reader.config_yaml, f"{reader.path}:/config")
     source = _scored_weights(reader, config, index)
     result = RoundScores(index, attrs["criterion"], attrs["threshold"], source)
+    if config.prune.granularity != "weight":
+        result.unavailable = f"granularity {config.prune.granularity} scores whole channels, not single weights"
+        return result
     if needs_calibration(attrs["criterion"]):
         result.unavailable = f"criterion {attrs['criterion']} scores with calibration data, which the archive does not keep"
         return result
@@ -104,7 +107,7 @@ def _scored_weights(reader: ArchiveReader, config: RunConfig, index: int) -> str
 
 def _specs(reader: ArchiveReader, index: int) -> list[TensorSpec]:
     """The round's tensors in plan order (the order of its per-layer table), numbered as the plan did."""
-    shapes = {param["name"]: tuple(int(size) for size in param["shape"].split("x")) for param in reader.params}
+    shapes = reader.shapes()
     return [TensorSpec(position, layer["name"], shapes[layer["name"]]) for position, layer in enumerate(reader.layers(index))]
 
 

@@ -150,6 +150,20 @@ def test_layers_says_when_the_state_file_no_longer_matches(smoke, tmp_path, cli,
     assert facts["layers"][0]["score_mean"] is None and facts["layers"][0]["kept"] == int(mask_bits(smoke, 3)["fc1.weight"].sum())
 
 
+@pytest.mark.parametrize("settings, reason", [
+    (("prune.granularity=channel", "prune.criterion=l1"), "granularity channel scores whole channels"),
+    (("prune.criterion=wanda",), "criterion wanda scores with calibration data"),
+])
+def test_scores_that_cannot_be_recomputed_are_left_out_with_the_reason(settings, reason, tmp_path, cli, inspect_json):
+    run = prune(tmp_path, ONESHOT, *settings)
+    facts = inspect_json("layers", str(run))
+    assert reason in facts["scores"]["unavailable"] and facts["scores"]["consistent"] is None
+    assert all(row["score_mean"] is None for row in facts["layers"])
+    assert [row["kept"] for row in facts["layers"]] == [int(bits.sum()) for bits in mask_bits(run, 1).values()]
+    assert f"score statistics unavailable: {reason}" in text_of(cli, "inspect", "layers", str(run))
+    assert f"left out scores_round_0001: {reason}" in text_of(cli, "inspect", "plot", str(run), "--out", str(tmp_path / "plots"))
+
+
 # --- diff --------------------------------------------------------------------------------------------
 
 
