@@ -7,9 +7,14 @@ hpcprune's own reader.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -22,6 +27,7 @@ from hpcprune.archive import Archive
 from hpcprune.config import RunConfig
 from hpcprune.inspect import render_summary, summary
 from hpcprune.masks import pack_mask
+from tests.conftest import missing
 from tests.helpers import ROOT, run_cli
 from tests.inspect_runs import (ONESHOT, SMOKE, copy_run, mask_bits, older_format, prune, round_attrs, run_main,
                                 truncated)
@@ -195,6 +201,21 @@ def test_diff_of_two_criteria_measures_their_overlap(magnitude, random_run, cli,
     text = text_of(cli, "inspect", "diff", str(magnitude), str(random_run))
     assert f"masks differ: Jaccard {facts['jaccard']:.4f}" in text
     assert re.search(r"prune\.criterion\s+magnitude\s+random", text)
+
+
+def test_diff_finds_a_two_rank_run_identical_to_a_one_rank_run(magnitude, tmp_path, cli, inspect_json):
+    launcher = shutil.which("mpirun")
+    if launcher is None or importlib.util.find_spec("mpi4py") is None:
+        missing("mpirun and mpi4py", "apt-get install openmpi-bin libopenmpi-dev; pip install -e '.[mpi]'")
+    out = tmp_path / "two.h5"
+    finished = subprocess.run([launcher, "-n", "2", sys.executable, "-m", "hpcprune", "prune", "--config", ONESHOT,
+                               "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert finished.returncode == 0, finished.stderr
+    facts = inspect_json(str(out))
+    assert facts["world_size"] == 2 and facts["backend"] == "mpi"
+    assert facts["events"][0]["detail"].startswith("2 rank(s)")
+    assert inspect_json("diff", str(magnitude), str(out))["identical"] is True
 
 
 def test_diff_refuses_runs_of_different_models(smoke, magnitude, cli):
