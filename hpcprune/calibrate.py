@@ -1,6 +1,6 @@
 """Step 5 — calibrate: statistics of the model over a few data batches, for the data-dependent criteria.
 
-    hpcprune prune --config configs/fmnist_wanda.yaml      # prune.criterion: wanda (or taylor, snip)
+    hpcprune prune --config configs/fmnist_lenet300_wanda.yaml   # prune.criterion: wanda (or taylor, snip)
 
 Calibration batch b is samples [b*batch_size, (b+1)*batch_size) of `calibration.split` in its stored
 order, and rank r computes the batches b with b mod size == r: the same batches whatever the world

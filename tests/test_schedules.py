@@ -166,3 +166,18 @@ def test_distillation_run_uses_the_dense_teacher(tmp_path):
         ours, theirs = archive["rounds/0001/history"][()], reference["rounds/0001/history"][()]
         assert ours["train_loss"][0] != theirs["train_loss"][0]  # another loss was minimised
     assert taught.kept == plain.kept and taught.final_accuracy > 0.5
+
+
+def test_the_fashion_mnist_configs_of_each_criterion_and_schedule_validate():
+    configs = {path.stem: load_config(path) for path in sorted(CONFIGS.glob("fmnist_*.yaml"))}
+    criteria = {config.prune.criterion for config in configs.values()}
+    assert {"taylor", "snip", "wanda", "lamp"} <= criteria
+    assert {"gradual", "iterative"} <= {config.schedule.kind for config in configs.values()}
+    assert configs["fmnist_lenet300_wanda"].prune.rule == "row" and configs["fmnist_lenet300_nm"].prune.sparsity == 0.5
+    assert configs["fmnist_lenet300_rewind"].schedule.rewind_epoch == 1
+    assert configs["fmnist_lenet300_distill"].distill.weight > 0
+    assert configs["fmnist_lenet5_protected"].prune.min_density > 0
+    assert configs["fmnist_lenet300_snip"].pretrain.epochs == 0  # pruned at initialisation
+    gradual = configs["fmnist_lenet300_gradual"]
+    steps_per_epoch = -(-55000 // gradual.data.batch_size)
+    assert gradual_end(gradual.schedule) <= steps_per_epoch * gradual.finetune.epochs
