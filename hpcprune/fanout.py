@@ -3,9 +3,11 @@
     hpcprune prune --config configs/oneshot_global.yaml --set fanout.backend=dask
     hpcprune prune --config configs/oneshot_global.yaml --set fanout.backend=slurm-array --set fanout.shards=4
 
-The coordinator (this process, a world of one) splits the plan's tensors into `fanout.shards` shard
-groups exactly as it would split them over ranks, and runs the unchanged selection code of each
-group as a task on a backend (a SLURM job array, dask workers). The tasks never talk to each other:
+The coordinator (rank 0 of the run, often its only rank) splits the plan's tensors into
+`fanout.shards` shard groups exactly as it would split them over ranks, and runs the unchanged
+selection code of each group as a task on a backend (a SLURM job array, dask workers). The run's
+other ranks, if any, wait for the masks and then fine-tune with it as usual: `hpcprune submit
+--tasks-per-node N` scores on job arrays and fine-tunes with DDP in the submitted job. The tasks never talk to each other:
 each sees a `ReplayWorld` whose `allreduce_sum` of stage s writes the task's contribution (a
 fixed-size array: histograms, counts) to a file and waits for the sum. The coordinator adds up the
 contributions of every task in rank order (what an allreduce gives) as soon as all are there, and
@@ -31,6 +33,7 @@ import abc
 import contextlib
 import importlib
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -131,10 +134,7 @@ class RoundFiles:
         return np.load(path)
 
     def write_result(self, rank: int, selection: Selection, specs: list[TensorSpec]) -> None:
-        threshold = math.nan if selection.threshold is None else selection.threshold
-        arrays = {f"t{spec.index}": selection.masks[spec.name] for spec in specs}
-        _write_aside(self.result_path(rank), lambda file: np.savez(
-            file, kept=np.int64(selection.kept), threshold=np.float64(threshold), **arrays))
+        _write_aside(self.result_path(rank), lambda file: save_selection(file, selection, specs))
 
     def write_error(self, rank: int, error: Exception) -> None:
         line = json.dumps([type(error).__name__, f"shard {rank}: {error}"])
@@ -151,6 +151,22 @@ class RoundFiles:
     def answered(self, stage: int, rank: int) -> bool:
         """Whether `rank` left its answer to `stage`: its contribution, its masks, or its error."""
         return any(path.exists() for path in (self.part_path(stage, rank), self.result_path(rank), self.error_path(rank)))
+
+
+def save_selection(file, selection: Selection, specs: list[TensorSpec]) -> None:
+    """The masks of `specs` ("t<index>": packed bits), kept count and threshold (NaN: none) as one .npz."""
+    threshold = math.nan if selection.threshold is None else selection.threshold
+    np.savez(file, kept=np.int64(selection.kept), threshold=np.float64(threshold),
+             **{f"t{spec.index}": selection.masks[spec.name] for spec in specs})
+
+
+def load_selection(file, specs: list[TensorSpec], total: int) -> Selection:
+    """What save_selection wrote, for `specs` (a subset of the tensors it holds)."""
+    with np.load(file) as stored:
+        threshold = float(stored["threshold"])
+        return Selection(masks={spec.name: stored[f"t{spec.index}"] for spec in specs},
+                         threshold=None if math.isnan(threshold) else threshold, kept=int(stored["kept"]),
+                         total=total, shapes={spec.name: spec.shape for spec in specs})
 
 
 def _write_aside(path: Path, write: Callable) -> None:
@@ -329,19 +345,14 @@ def collect(files: RoundFiles) -> Selection:
     """Every task's masks as one Selection over all tensors, as a world of one would have selected."""
     description = files.description()
     plan = description.plan()
-    masks, kept, thresholds = {}, set(), set()
-    for rank in range(description.shards):
-        with np.load(files.result_path(rank)) as result:
-            kept.add(int(result["kept"]))
-            thresholds.add(repr(float(result["threshold"])))  # repr: NaN (no threshold) equals itself
-            for spec in plan.local(rank):
-                masks[spec.name] = result[f"t{spec.index}"]
-    if len(kept) != 1 or len(thresholds) != 1:
-        raise RuntimeError(f"{files.folder}: the shards disagree on the kept count {kept} or threshold {thresholds}")
-    boundary = float(thresholds.pop())
-    return Selection(masks={spec.name: masks[spec.name] for spec in plan.tensors},
-                     threshold=None if math.isnan(boundary) else boundary, kept=kept.pop(), total=plan.total,
-                     shapes={spec.name: spec.shape for spec in plan.tensors})
+    shards = [load_selection(files.result_path(rank), plan.local(rank), plan.total)
+              for rank in range(description.shards)]
+    agreed = {(shard.kept, repr(shard.threshold)) for shard in shards}
+    if len(agreed) != 1:
+        raise RuntimeError(f"{files.folder}: the shards disagree on the kept count and threshold: {agreed}")
+    masks = {name: mask for shard in shards for name, mask in shard.masks.items()}
+    return Selection(masks={spec.name: masks[spec.name] for spec in plan.tensors}, threshold=shards[0].threshold,
+                     kept=shards[0].kept, total=plan.total, shapes={spec.name: spec.shape for spec in plan.tensors})
 
 
 # --- backends: where the tasks run --------------------------------------------------------------------
@@ -455,11 +466,25 @@ def fanout_folder(archive: Path) -> Path:
 
 
 def select_fanned_out(job, round_index: int, target: float) -> Selection:
-    """This round's selection, fanned out to `fanout.shards` tasks on `fanout.backend` (see the top)."""
+    """This round's selection, fanned out by rank 0 to `fanout.shards` tasks on `fanout.backend` (see
+    the top). Every rank gets the masks of its own tensors, as from a selection in its world, so the
+    ranks of a run that fine-tunes (`hpcprune submit --tasks-per-node N`) go on to train together."""
+    world = job.world
+    if world.size > 1 and job.model is None:
+        raise UsageError(f"fanout.backend={job.config.fanout.backend} under {world.size} ranks: a masks-only run "
+                         f"has nothing to train, run its coordinator as one process")
+    selection = _fan_out(job, round_index, target) if world.is_root else None
+    if world.size == 1:
+        return selection
+    sent = io.BytesIO()
+    if world.is_root:
+        save_selection(sent, selection, list(job.plan.tensors))
+    shared = world.broadcast_bytes(sent.getvalue() if world.is_root else None)
+    return load_selection(io.BytesIO(shared), job.plan.local(world.rank), job.plan.total)
+
+
+def _fan_out(job, round_index: int, target: float) -> Selection:
     config = job.config
-    if job.world.size != 1:
-        raise UsageError(f"fanout.backend={config.fanout.backend} runs the coordinator as one process, "
-                         f"not under a launcher of {job.world.size} ranks")
     files = RoundFiles(fanout_folder(job.path) / f"round-{round_index:04d}")
     shutil.rmtree(files.folder, ignore_errors=True)  # a round is fanned out whole, never half reused
     with open_backend(config.fanout, fanout_folder(job.path) / "logs") as backend:

@@ -12,6 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -29,7 +30,7 @@ from hpcprune.world import SingleWorld
 from tests.conftest import missing
 from tests.fanout_tasks import killed_once, raises_once
 from tests.fixture_models import tied_mlp
-from tests.helpers import CONFIGS, ROOT, archive_masks, complete_rounds
+from tests.helpers import CONFIGS, ROOT, archive_masks, complete_rounds, run_cli
 
 REFERENCE = CONFIGS / "oneshot_global.yaml"
 TIED = "model.name=tests.fixture_models:tied_mlp"
@@ -242,6 +243,19 @@ def test_a_killed_array_task_is_run_again_alone(slurm, tmp_path, monkeypatch):
     assert sorted(rank for rank, _ in calls.elements()) == [0, 1, 1]
     assert max(stage for rank, stage in calls if rank == 1) >= 2
     assert len(list(files.folder.glob("stage-*/reduced.npy"))) == 4
+
+
+def test_submit_scores_on_a_job_array_then_its_ranks_fine_tune_together(slurm, references, tmp_path):
+    archive = tmp_path / "submitted.h5"
+    done = run_cli("submit", "--config", str(REFERENCE), "--out", str(archive), "--tasks-per-node", "2",
+                   "--cluster", "slurm", "--time", "10", "--wait", "--set", "fanout.backend=slurm-array",
+                   "--set", "fanout.shards=2", "--set", "finetune.epochs=1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_masks(archive, references / "global.h5")  # selected before fine-tuning: the same masks
+    with h5py.File(archive, "r") as stored:
+        assert int(stored.attrs["world_size"]) == 2, "the submitted job's two tasks are the ranks"
+        assert len(stored["rounds/0001/history"]) == 1, "they fine-tuned the masked model for the one epoch"
+    assert any("_" in log.name for log in (tmp_path / "submitted.fanout" / "logs").iterdir()), "scored as an array"
 
 
 # --- dask -----------------------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ class SlurmArray(Backend):
         self.executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
 
     def submit(self, task: Task, folder: str, ranks: list[int]) -> list[Running]:
-        return [ArrayTask(job) for job in self.executor.map_array(ShardTask(task), [folder] * len(ranks), ranks)]
+        with submitit.helpers.clean_env():  # from inside a SLURM job (hpcprune submit), submit a fresh one
+            jobs = self.executor.map_array(ShardTask(task), [folder] * len(ranks), ranks)
+        return [ArrayTask(job) for job in jobs]
 
 
 class ArrayTask:
