@@ -20,7 +20,7 @@ from hpcprune.inspect import (event_table, layer_table, layers, number, percent,
 from hpcprune.plots import figures
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { padding: 0.25em 0.7em; white-space: nowrap; border-bottom: 1px solid #e4e4e4; text-align: right; }

@@ -8,9 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real data, a real MPI for the distributed tests (mpirun, and mpi4py builds against it), a
-# browser that opens the HTML report (headless Chromium), and SLURM with munge and accounting
+# browser that opens the HTML report (headless Chromium), h5dump (hdf5-tools), and SLURM with munge and accounting
 # (slurmdbd, MariaDB) for the batch tests, which start it through slurm/local.sh.
-SYSTEM_PACKAGES=(dataset-fashion-mnist openmpi-bin libopenmpi-dev chromium slurm-wlm munge slurmdbd mariadb-server)
+SYSTEM_PACKAGES=(dataset-fashion-mnist openmpi-bin libopenmpi-dev chromium hdf5-tools slurm-wlm munge slurmdbd mariadb-server)
 missing=()
 for package in "${SYSTEM_PACKAGES[@]}"; do dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package"); done
 if [ ${#missing[@]} -gt 0 ]; then

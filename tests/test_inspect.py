@@ -296,6 +296,18 @@ def test_readme_snippet_reads_a_mask_with_plain_h5py(smoke):
     assert accuracy == round_attrs(smoke, 3)["accuracy"]
 
 
+def test_h5dump_reads_a_mask_without_hpcprune(smoke):
+    if shutil.which("h5dump") is None:
+        missing("h5dump", "apt-get install hdf5-tools")
+    dumped = subprocess.run(["h5dump", "-y", "-d", "/rounds/0003/masks/fc3.weight", "-w", "0", str(smoke)],
+                            capture_output=True, text=True, timeout=60)
+    assert dumped.returncode == 0, dumped.stderr
+    data = re.search(r"DATA \{\s*([\d,\s]+?)\s*\}", dumped.stdout).group(1)  # gzip and fletcher32 undone by HDF5 itself
+    packed = np.array([int(value) for value in data.split(",")], dtype=np.uint8)
+    assert np.array_equal(np.unpackbits(packed, count=1000).astype(bool), mask_bits(smoke, 3)["fc3.weight"])
+    assert 'ATTRIBUTE "kept"' in dumped.stdout
+
+
 # --- the summary of hand-built archives: exact figures, and an archive without rounds ----------------
 
 SHAPES = {"fc1.weight": (30, 20), "fc2.weight": (10, 30)}
