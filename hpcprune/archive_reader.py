@@ -20,12 +20,14 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+import yaml
 
 from hpcprune.errors import UsageError
 from hpcprune.masks import unpack_mask
 
 FORMAT = "hpcprune"
 FORMAT_VERSION = 1
+DENSE_FIGURES = ("accuracy", "loss", "seconds")
 
 
 def round_name(index: int) -> str:
@@ -40,6 +42,8 @@ class ArchiveReader:
         with open_checked(self.path) as file:
             self.attrs = _plain_attrs(file.attrs)
             self.config_yaml = file["config"].asstr()[()]
+            if not isinstance(yaml.safe_load(self.config_yaml), dict):  # YAMLError, ValueError: damaged
+                raise ValueError("/config is not a YAML mapping")
             self.model = _plain_attrs(file["model"].attrs)
             self.params = [_row(row) for row in file["model/params"][()]]
             self.dense = self._dense(file)
@@ -49,7 +53,7 @@ class ArchiveReader:
 
     def rounds(self, include_incomplete: bool = False) -> list[dict[str, Any]]:
         """Round attrs (plus "index"), in round order; only complete rounds unless asked."""
-        return [r for r in self._rounds if include_incomplete or r["status"] == "complete"]
+        return [r for r in self._rounds if include_incomplete or r.get("status") == "complete"]
 
     def read_masks(self, index: int) -> dict[str, torch.Tensor]:
         """The round's masks as bool tensors (True = keep), in the plan's tensor order."""
@@ -101,6 +105,8 @@ class ArchiveReader:
         if "dense" not in file or file["dense"].attrs.get("status") != "complete":
             return None
         dense = _plain_attrs(file["dense"].attrs)
+        for key in DENSE_FIGURES:
+            dense[key] = float(dense[key])  # KeyError, ValueError, TypeError: damaged (CheckedFile)
         dense["state_file"] = self._resolve(dense.get("state_file", ""))
         dense["history"] = [_row(row) for row in file["dense/history"][()]]
         return dense
@@ -181,15 +187,41 @@ def open_checked(path: Path) -> h5py.File:
     if not path.is_file():
         raise UsageError(f"{path} is not a readable hpcprune archive (no such file)")
     try:
-        file = open_h5(path, "r")
+        file = CheckedFile(path)
     except OSError as error:
         raise UsageError(f"{path} is not a readable hpcprune archive ({error})") from None
     try:
         _check_format(path, file)
-    except BaseException:
+    except BaseException as error:
         file.close()
+        if isinstance(error, DECODING_ERRORS) and not isinstance(error, UsageError):
+            raise damaged(path, error) from None
         raise
     return file
+
+
+# What h5py and the decoding of values raise when the bytes of a file are damaged.
+DECODING_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError, yaml.YAMLError)
+
+
+class CheckedFile(h5py.File):
+    """An archive open for reading: whatever fails while decoding it inside `with` is damage to the
+    file (a flipped byte in its metadata, a missing attribute), refused as a UsageError that names it."""
+
+    def __init__(self, path: Path):
+        self.archive = path
+        # best-effort: parallel file systems (Lustre, NFS) often refuse HDF5's file locks.
+        super().__init__(path, "r", locking="best-effort")
+
+    def __exit__(self, kind, error, traceback) -> None:
+        super().__exit__(kind, error, traceback)
+        if isinstance(error, DECODING_ERRORS) and not isinstance(error, UsageError):
+            raise damaged(self.archive, error) from None
+
+
+def damaged(path: Path, error: BaseException) -> UsageError:
+    text = str(error).strip().splitlines()
+    return UsageError(f"{path} is damaged ({type(error).__name__}: {text[0] if text else 'no detail'})")
 
 
 def _check_format(path: Path, file: h5py.File) -> None:

@@ -348,7 +348,8 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
-        raise UsageError(f"{source}:{line} malformed YAML ({getattr(error, 'problem', None) or error})") from None
+        reason = getattr(error, "problem", None) or str(error).splitlines()[0]  # e.g. a control character
+        raise UsageError(f"{source}:{line} malformed YAML ({reason})") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
