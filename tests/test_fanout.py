@@ -232,7 +232,8 @@ def test_a_killed_array_task_is_run_again_alone(slurm, tmp_path, monkeypatch):
     from hpcprune.launch.array import SlurmArray
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the array tasks import tests.fanout_tasks
-    files, reference = tied_round(tmp_path, shards=2, linger_s=60)
+    # Shard 0 waits for the sums long enough for shard 1 to be found dead and started again.
+    files, reference = tied_round(tmp_path, shards=2, linger_s=600)
     backend = SlurmArray(FanoutConfig(backend="slurm-array", shards=2), tmp_path / "logs")
     run_stages(backend, files, shards=2, retries=2, task=killed_once)
     assert (tmp_path / "killed").exists()

@@ -1,10 +1,10 @@
-"""Scoring tasks as a SLURM job array, submitted with submitit: one array per stage of selection.
+"""Scoring tasks as a SLURM job array, submitted with submitit.
 
     hpcprune prune --config configs/oneshot_global.yaml --set fanout.backend=slurm-array --set fanout.shards=8
 
-Each stage submits one array of the shards that have not answered it yet (the first time all of
-them; after a failure only the ones that left nothing). Partition, time limit, CPUs and memory come
-from `fanout.slurm`; logs go to `<archive stem>.fanout/logs/<job id>_<task>/`.
+A round submits one array of all its shards; the tasks run side by side through every stage. Shards
+started again (a task failed, or stopped waiting) go in one smaller array each time. Partition, time
+limit, CPUs and memory come from `fanout.slurm`; logs go to `<archive stem>.fanout/logs/<job id>_<task>/`.
 """
 
 from __future__ import annotations
