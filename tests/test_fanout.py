@@ -66,7 +66,7 @@ def assert_same_masks(mine: Path, reference: Path) -> None:
             assert np.array_equal(ours[tensor], theirs[tensor]), f"{mine.name} round {round_index}: {tensor} differs"
 
 
-def fanned_out_runs(out: Path, names: list[str], *fanout: str, timeout: float = 300) -> None:
+def fanned_out_runs(out: Path, names: list[str], *fanout: str, timeout: float = 600) -> None:
     """The CLI's pipeline in a fresh process (tests.drivers), each case with the `fanout` overrides."""
     cases = [f"{name}:" + ";".join([*CASES[name], *fanout]) for name in names]
     finished = subprocess.run([sys.executable, "-m", "tests.drivers", "masks", str(out), *cases], cwd=ROOT,
