@@ -1,0 +1,54 @@
+"""No hangs: a rank SIGKILLed while the others wait in a collective ends the whole run, naming the rank.
+
+The kill is a real SIGKILL (no exception, no MPI_Abort from the dying rank) delivered by
+`tests.crash_points` as rank 1 enters an allreduce or a gather that rank 0 is already waiting in.
+Each launch must end on its own, well inside the 60 seconds a stuck allocation would be noticed in;
+the subprocess timeout is that bound, so a hang fails the test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import missing
+from tests.helpers import CONFIGS, ROOT
+
+ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HPCPRUNE_TEST_KILL_RANK": "1",
+}
+HANG_LIMIT = 60
+
+
+def killed_run(launcher: list[str], point: str, out) -> subprocess.CompletedProcess:
+    command = [*launcher, sys.executable, "-m", "tests.crash_points", "prune", "--config", str(CONFIGS / "oneshot_global.yaml"),
+               "--out", str(out), "-q"]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=HANG_LIMIT,
+                              env={**os.environ, **ENV, "HPCPRUNE_TEST_KILL": point})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{point}: the run was still running {HANG_LIMIT} s after rank 1 was killed")
+
+
+@pytest.mark.parametrize("point", ["allreduce:2", "gather:1"])
+def test_a_rank_killed_in_a_collective_ends_mpirun(tmp_path, point):
+    mpirun = shutil.which("mpirun") or missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
+    finished = killed_run([mpirun, "-n", "2"], point, tmp_path / "run.h5")
+    assert finished.returncode != 0
+    output = finished.stdout + finished.stderr
+    assert re.search(r"rank 1 .*(signal 9|Killed)", output), output
+
+
+@pytest.mark.parametrize("point", ["allreduce:2", "gather:1"])
+def test_a_rank_killed_in_a_collective_ends_torchrun(tmp_path, point):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python"]
+    finished = killed_run(torchrun, point, tmp_path / "run.h5")
+    assert finished.returncode != 0
+    output = finished.stdout + finished.stderr
+    assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*-9", output), output
