@@ -11,17 +11,20 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pytest
 
 from hpcprune.preempt import PREEMPTED_EXIT
 from tests.conftest import missing
-from tests.helpers import CONFIGS, ROOT, run_cli
+from tests.helpers import CONFIGS, ROOT, archive_masks, complete_rounds, run_cli
 from tests.resume_checks import EPOCH_MARKER, EPOCHS, INTERRUPTIBLE, assert_same_run, events
 
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-# Outside SLURM whatever the test runner's environment: no requeue is attempted.
-PLAIN_ENV = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+# Outside SLURM whatever the test runner's environment (no requeue is attempted), one thread per
+# process: two runs side by side on two cores must not fight over threads.
+PLAIN_ENV = {**{key: value for key, value in os.environ.items() if not key.startswith("SLURM_")},
+             "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_point(tmp_path):
@@ -39,22 +42,31 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_point(tmp_path):
     assert [seen["saved_on"] for seen in facts] == [[0], []], "rank 0 alone writes the checkpoint"
 
 
+def prune_args(out, *extra: str) -> list[str]:
+    return ["prune", "--config", str(CONFIGS / "smoke.yaml"), "--out", str(out), *INTERRUPTIBLE, *extra]
+
+
 def prune(out, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "hpcprune", "prune", "--config", str(CONFIGS / "smoke.yaml"), "--out", str(out),
-            *INTERRUPTIBLE, *extra]
+    return [sys.executable, "-m", "hpcprune", *prune_args(out, *extra)]
+
+
+def interrupt_on(marker: str, command: list[str], signal_number: int) -> tuple[int, str]:
+    """Start `command`, send the signal once its log shows `marker`; its exit status and log."""
+    process = subprocess.Popen(command, cwd=ROOT, env=PLAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    log = []
+    for line in process.stderr:
+        log.append(line)
+        if marker in line:
+            process.send_signal(signal_number)
+    return process.wait(timeout=300), "".join(log)
 
 
 def test_sigusr1_mid_fine_tuning_then_resume_gives_the_uninterrupted_run(tmp_path):
     uninterrupted = subprocess.Popen(prune(tmp_path / "uninterrupted.h5"), cwd=ROOT, env=PLAIN_ENV,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    interrupted = subprocess.Popen(prune(tmp_path / "resumed.h5"), cwd=ROOT, env=PLAIN_ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log = []
-    for line in interrupted.stderr:
-        log.append(line)
-        if EPOCH_MARKER in line:
-            interrupted.send_signal(signal.SIGUSR1)
-    assert interrupted.wait(timeout=300) == PREEMPTED_EXIT, "".join(log)
+    status, log = interrupt_on(EPOCH_MARKER, prune(tmp_path / "resumed.h5"), signal.SIGUSR1)
+    assert status == PREEMPTED_EXIT, log
 
     with h5py.File(tmp_path / "resumed.h5", "r") as archive:
         checkpoint = dict(archive["checkpoint"].attrs) if "checkpoint" in archive else {}
@@ -63,10 +75,28 @@ def test_sigusr1_mid_fine_tuning_then_resume_gives_the_uninterrupted_run(tmp_pat
         assert (tmp_path / checkpoint[key]).is_file(), key
     assert [kind for kind, _ in events(tmp_path / "resumed.h5")] == ["start", "interrupt"]
 
-    resumed = run_cli("prune", "--config", str(CONFIGS / "smoke.yaml"), "--out", str(tmp_path / "resumed.h5"),
-                      *INTERRUPTIBLE, "--resume", env=PLAIN_ENV)
+    resumed = run_cli(*prune_args(tmp_path / "resumed.h5", "--resume"), env=PLAIN_ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert f"continuing after epoch {checkpoint['training_epoch']} of {EPOCHS}" in resumed.stderr
     assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()
     assert [kind for kind, _ in events(tmp_path / "resumed.h5")] == ["start", "interrupt", "resume", "finish"]
     assert_same_run(tmp_path / "resumed.h5", tmp_path / "uninterrupted.h5")
+
+
+def test_sigterm_between_rounds_stops_before_the_next_round_and_resume_gives_the_same_masks(tmp_path):
+    """No fine-tuning: the safe point is the start of a round; each round's masks grow from the last."""
+    rounds = ("--set", "finetune.epochs=0", "--set", "pretrain.epochs=0", "--set", "schedule.rounds=8")
+    uninterrupted = run_cli(*prune_args(tmp_path / "uninterrupted.h5", *rounds), env=PLAIN_ENV)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    status, log = interrupt_on("round 1/8: pruning", prune(tmp_path / "resumed.h5", *rounds), signal.SIGTERM)
+    assert status == PREEMPTED_EXIT, log
+    stopped = complete_rounds(tmp_path / "resumed.h5")
+    assert 1 <= len(stopped) < 8 and events(tmp_path / "resumed.h5")[-1] == (
+        "interrupt", f"stopped before round {len(stopped) + 1} on SIGTERM on 1 rank(s)")
+
+    resumed = run_cli(*prune_args(tmp_path / "resumed.h5", *rounds, "--resume"), env=PLAIN_ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert complete_rounds(tmp_path / "resumed.h5") == list(range(1, 9))
+    for index in range(1, 9):
+        ours, theirs = archive_masks(tmp_path / "resumed.h5", index), archive_masks(tmp_path / "uninterrupted.h5", index)
+        assert all(np.array_equal(ours[name], theirs[name]) for name in theirs), f"round {index}"
