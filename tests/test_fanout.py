@@ -7,6 +7,7 @@ tests/test_distributed.py shows equal to mpirun and torchrun worlds of every siz
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -219,10 +220,29 @@ def slurm(local_slurm) -> None:
         missing("submitit", "pip install -e '.[slurm]'")
 
 
-def test_slurm_array_masks_equal_the_single_process_masks(slurm, references, tmp_path):
+@pytest.fixture(scope="module")
+def mpirun_masks(tmp_path_factory) -> Path:
+    """The MPI path: the same cases under `mpirun -n 2`, selection in a world of two ranks."""
+    if shutil.which("mpirun") is None:
+        missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
+    out = tmp_path_factory.mktemp("mpirun")
+    cases = [f"{name}:" + ";".join(CASES[name]) for name in ("global", "tied-layer")]
+    finished = subprocess.run(["mpirun", "-n", "2", sys.executable, "-m", "tests.drivers", "masks", str(out), *cases],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                   "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                                   "OMPI_MCA_rmaps_base_oversubscribe": "1"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    with h5py.File(out / "global.h5", "r") as stored:
+        assert (int(stored.attrs["world_size"]), stored.attrs["backend"]) == (2, "mpi")
+    return out
+
+
+def test_slurm_array_masks_equal_the_mpi_and_single_process_masks(slurm, mpirun_masks, references, tmp_path):
     names = ["global", "tied-layer"]
     fanned_out_runs(tmp_path, names, "fanout.backend=slurm-array", "fanout.shards=2")
     for name in names:
+        assert_same_masks(tmp_path / f"{name}.h5", mpirun_masks / f"{name}.h5")
         assert_same_masks(tmp_path / f"{name}.h5", references / f"{name}.h5")
         logs = list((tmp_path / f"{name}.fanout" / "logs").iterdir())
         assert any("_" in log.name for log in logs), "the tasks ran as array jobs"
