@@ -70,9 +70,12 @@ def requeue_runs(local_slurm, tmp_path_factory) -> tuple[Path, dict[str, dict[st
     folder = tmp_path_factory.mktemp("requeue")
 
     def submit(name: str) -> str:
-        # --force: a restart must drop it (and resume) or the requeued attempt would refuse to start
+        # --force: a restart must drop it (and resume) or the requeued attempt would refuse to start.
+        # More data than the plain-process test: the signal travels through the log, scontrol and
+        # slurmd, so epochs must last long enough for it to land before round 1's last one.
         return sbatch("--ntasks=2", "--cpus-per-task=1", f"--output={folder}/{name}.out", "slurm/prune.sh",
-                      "configs/smoke.yaml", "--out", str(folder / f"{name}.h5"), "--force", *INTERRUPTIBLE)[0]
+                      "configs/smoke.yaml", "--out", str(folder / f"{name}.h5"), "--force", *INTERRUPTIBLE,
+                      "--set", "data.synthetic_size=16384")[0]
 
     jobs = {name: submit(name) for name in ["uninterrupted", *INTERRUPTIONS]}
     for name, (command, _) in INTERRUPTIONS.items():
