@@ -122,3 +122,11 @@ def test_hpcprune_submit_wait_completes_a_run_on_slurm(single_process, tmp_path)
     assert world_size(archive) == 2, "each submitit task is a rank"
     assert [kind for kind, _ in events(archive)] == ["start", "finish"]
     assert_same_masks(archive, single_process)
+
+
+def test_hpcprune_submit_to_an_unknown_partition_is_refused_in_one_line(tmp_path):
+    done = run_cli("submit", "--config", str(ONESHOT), "--out", str(tmp_path / "run.h5"), "--cluster", "slurm",
+                   "--partition", "no-such-partition")
+    assert done.returncode == 2, done.stderr
+    assert "hpcprune: error: cannot submit to slurm: " in done.stderr and "no-such-partition" in done.stderr
+    assert not (tmp_path / "run.h5").exists()

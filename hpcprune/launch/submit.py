@@ -113,10 +113,14 @@ def submit(config: RunConfig, options: SubmitOptions, *, resume: bool = False, f
     if archive.exists() and not (resume or force):
         raise UsageError(f"{archive} exists; pass --resume to continue it or --force to overwrite")
     config = config.model_copy(update={"output": config.output.model_copy(update={"path": str(archive)})})
-    executor = submitit.AutoExecutor(folder=archive.parent / f"{archive.stem}.logs" / "%j", cluster=options.cluster)
-    executor.update_parameters(
-        name="hpcprune", nodes=options.nodes, tasks_per_node=options.tasks_per_node,
-        gpus_per_node=options.tasks_per_node * options.gpus_per_task, timeout_min=options.time_min,
-        slurm_partition=options.partition,
-    )
-    return executor.submit(PruneTask(config, resume=resume, force=force))
+    try:
+        executor = submitit.AutoExecutor(folder=archive.parent / f"{archive.stem}.logs" / "%j", cluster=options.cluster)
+        executor.update_parameters(
+            name="hpcprune", nodes=options.nodes, tasks_per_node=options.tasks_per_node,
+            gpus_per_node=options.tasks_per_node * options.gpus_per_task, timeout_min=options.time_min,
+            slurm_partition=options.partition,
+        )
+        return executor.submit(PruneTask(config, resume=resume, force=force))
+    except RuntimeError as error:  # no SLURM here, or sbatch refused the job (partition, limits)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot submit to {options.cluster or 'the detected cluster'}: {first_line}") from None
