@@ -48,6 +48,7 @@ CASES = [
     # whole channels: residual branches owned by different ranks, and six channel norms tied at the boundary
     "channel-global:model.name=resnet8;prune.granularity=channel;prune.criterion=l1;prune.batchnorm_scale=true;prune.sparsity=0.5",
     "channel-layer:model.name=resnet8;prune.granularity=channel;prune.criterion=l2;prune.rule=layer;prune.sparsity=0.5",
+    "channel-threshold:model.name=resnet8;prune.granularity=channel;prune.criterion=l1;prune.rule=threshold;prune.threshold=8.7",
     "channel-tied:model.name=tests.fixture_models:tied_mlp;prune.granularity=channel;prune.criterion=l1;prune.sparsity=0.3",
 ]
 
