@@ -31,7 +31,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = "lenet300"
-    """Registry name (`lenet300`, `lenet5`, `resnet8`), `package.module:callable`, or `checkpoint`:
+    """Registry name (`lenet300`, `lenet5`, `resnet8`), `hf:<folder>` (Hugging Face style, config.json +
+    model.safetensors), `package.module:callable`, or `checkpoint`:
     no module, score and mask the tensors of model.checkpoint (safetensors) without training."""
     checkpoint: str | None = None
     """State dict to start from (`.safetensors`, or a `torch.save` file read with weights_only=True).
@@ -258,6 +259,13 @@ class RunConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     fanout: FanoutConfig = Field(default_factory=FanoutConfig)
     """How selection is spread: this process's ranks, or staged tasks on a SLURM job array or dask."""
+
+    @model_validator(mode="after")
+    def _hf_models_are_pruned_not_trained(self) -> RunConfig:
+        if self.model.name.startswith("hf:") and (self.pretrain.epochs or self.finetune.epochs):
+            raise ValueError("a Hugging Face model (model.name hf:...) is pruned without training here: "
+                             "set pretrain.epochs: 0 and finetune.epochs: 0")
+        return self
 
     @model_validator(mode="after")
     def _rewind_needs_dense_training(self) -> RunConfig:

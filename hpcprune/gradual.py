@@ -42,13 +42,15 @@ class GradualPruner:
         self.sparsities: list[float] = []  # s_t of every update made, in order
 
     @classmethod
-    def for_round(cls, config: RunConfig, model, train_data, world, target: float, reselect: Reselect,
+    def for_round(cls, config: RunConfig, model, splits, world, target: float, reselect: Reselect,
                   *, seed: int) -> GradualPruner | None:
         """A pruner for a gradual round (None for other schedules), refused when fine-tuning ends too soon."""
         if config.schedule.kind != "gradual":
             return None
-        steps = len(make_loader(train_data, config.data.batch_size, shuffle=True, seed=seed, world=world))
-        total = steps * config.finetune.epochs
+        total = 0
+        if splits is not None and config.finetune.epochs:
+            steps = len(make_loader(splits.train, config.data.batch_size, shuffle=True, seed=seed, world=world))
+            total = steps * config.finetune.epochs
         if gradual_end(config.schedule) > total:
             raise UsageError(f"schedule: the last gradual update is at step {gradual_end(config.schedule)} "
                              f"(start_step + updates * interval) but fine-tuning has only {total} steps; "

@@ -2,8 +2,9 @@
 
     hpcprune prune --config configs/quickstart.yaml --set model.name=lenet5
 
-`model.name` is a key of `MODELS` or `package.module:callable` (the module is imported only then,
-so `torchvision:resnet18` works when torchvision is installed). Builders receive `in_channels` and
+`model.name` is a key of `MODELS`, `hf:<folder>` (a Hugging Face style folder, hpcprune.hf), or
+`package.module:callable` (the module is imported only then, so `torchvision:resnet18` works when
+torchvision is installed). Builders receive `in_channels` and
 `num_classes` when they accept them, then `model.kwargs`. Checkpoints are read with safetensors or
 `torch.load(weights_only=True)`: nothing is unpickled, so a checkpoint can never run code.
 """
@@ -25,6 +26,7 @@ from torch import nn
 
 from hpcprune.config import ModelConfig
 from hpcprune.errors import UsageError
+from hpcprune.hf import hf_builder, is_hf_model
 
 # ---------------------------------------------------------------------------------------- models
 
@@ -130,6 +132,8 @@ def build_model(cfg: ModelConfig, *, in_channels: int = 1, num_classes: int = 10
 def _resolve_builder(name: str) -> Callable[..., nn.Module]:
     if name in MODELS:
         return MODELS[name]
+    if is_hf_model(name):  # hf:<folder>, a Hugging Face style folder
+        return hf_builder(name)
     module_name, sep, attribute = name.partition(":")
     if not sep or not module_name or not attribute:
         raise UsageError(

@@ -40,6 +40,7 @@ from hpcprune.preempt import stop_here
 from hpcprune.schedule import round_targets
 from hpcprune.distill import distillation_loss
 from hpcprune.gradual import GradualPruner, first_target
+from hpcprune.hf import is_hf_model
 from hpcprune.prune_step import select_weights
 from hpcprune.rewind import RewindRecorder, rewind
 from hpcprune.select import Selection
@@ -119,8 +120,9 @@ def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = 
 def _model_job(config: RunConfig, world: World) -> Job:
     device = resolve_device(config.device, local_rank=world.local_rank)
     torch.manual_seed(config.seed)
-    splits = load_data(config.data, config.seed)
-    model = build_model(config.model, in_channels=splits.input_shape[0], num_classes=splits.num_classes)
+    splits = None if is_hf_model(config.model.name) else load_data(config.data, config.seed)  # text: no images
+    shape = {} if splits is None else dict(in_channels=splits.input_shape[0], num_classes=splits.num_classes)
+    model = build_model(config.model, **shape)
     if config.model.checkpoint:  # before the archive exists, so a bad checkpoint leaves nothing behind
         load_checkpoint(model, config.model.checkpoint)
     model.to(device)
@@ -266,7 +268,7 @@ def _prune_round(job: Job, round_index: int, rounds: int, target: float) -> floa
         apply_masks(job.model, masks)
         if config.schedule.rewind_epoch is not None:  # lottery ticket: survivors restart from early weights
             rewind(job.model, job.path, masks)
-        pruner = GradualPruner.for_round(config, job.model, job.splits.train, world, target,
+        pruner = GradualPruner.for_round(config, job.model, job.splits, world, target,
                                          lambda sparsity: _reselect(job, sparsity), seed=config.seed + round_index)
         hooks = dict(after_step=pruner, loss_fn=distillation_loss(config.distill, job.model, state_path(job.path, "dense")))
         history = _train(job, config.finetune, masks=masks, seed=config.seed + round_index, label=f"round {round_index}",
@@ -407,5 +409,7 @@ def _train(job: Job, train_config, *, masks, seed, label, stage, **hooks):
 
 
 def _test(job: Job) -> tuple[float, float]:
+    if job.splits is None:  # a Hugging Face model: pruned, not evaluated (no labelled data here)
+        return math.nan, math.nan
     return evaluate(job.model, job.splits.test, world=job.world, device=job.device,
                     batch_size=job.config.data.eval_batch_size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from hpcprune.calibrate import CalibrationBatches, Statistics, calibrate, needs_calibration
 from hpcprune.errors import UsageError
+from hpcprune.hf import encoder_inputs, is_hf_model, text_sequences
 from hpcprune.patterns import rule_options
 from hpcprune.progress import scoring_progress
 from hpcprune.protect import protect_layers
@@ -42,5 +43,8 @@ def calibration_statistics(job) -> Statistics | None:
 
 
 def calibration_batches(job) -> CalibrationBatches:
-    cfg = job.config.calibration
+    """Slices of the image split, or token sequences of `calibration.text` for a Hugging Face model."""
+    cfg, name = job.config.calibration, job.config.model.name
+    if is_hf_model(name):
+        return CalibrationBatches.of_tensor(text_sequences(name, cfg), cfg, encoder_inputs)
     return CalibrationBatches.of_dataset(getattr(job.splits, cfg.split), cfg)

@@ -21,7 +21,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 python -c 'import torch' 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,plot,mpi,slurm,dask]"
+python -m pip install -q -e ".[test,plot,mpi,slurm,dask,hf]"
 
 # Open MPI refuses to run as root, and more ranks than cores, unless told (CI is root on 2 cores).
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1

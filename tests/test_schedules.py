@@ -64,7 +64,7 @@ def gradual_training(tmp_path, schedule: ScheduleConfig, target: float):
         seen.append((pruner.step, sparsity, selection.kept))
         return selection, bool_masks
 
-    pruner = GradualPruner.for_round(config, model, splits.train, SingleWorld(), target, reselect, seed=1)
+    pruner = GradualPruner.for_round(config, model, splits, SingleWorld(), target, reselect, seed=1)
     start = {spec.name: torch.ones(spec.shape, dtype=torch.bool) for spec in plan.tensors}
     train(model, splits.train, None, config.finetune, world=SingleWorld(), device=torch.device("cpu"), seed=1,
           batch_size=32, eval_batch_size=256, masks=start, after_step=pruner)
