@@ -36,7 +36,7 @@
 
 set -euo pipefail
 
-if [ $# -lt 1 ] || [[ $1 == -* ]]; then
+if [ $# -lt 1 ] || [[ $1 == -* ]] || [ -z "${SLURM_JOB_ID:-}" ]; then
   echo "usage: sbatch slurm/prune.sh CONFIG [--out ARCHIVE] [--set KEY=VALUE ...] [--force]" >&2
   exit 2
 fi
