@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -27,7 +29,9 @@ from hpcprune.scoring import LazyScores, ScoreContext
 from hpcprune.select import prune_count, select
 from hpcprune.weights import ModelWeights
 from hpcprune.world import SingleWorld
+from tests.conftest import missing
 from tests.helpers import CONFIGS, archive_masks
+from tests.test_distributed import driver, launch
 
 GRADUAL = ScheduleConfig(kind="gradual", initial_sparsity=0.1, start_step=3, interval=4, updates=5)
 
@@ -181,3 +185,24 @@ def test_the_fashion_mnist_configs_of_each_criterion_and_schedule_validate():
     gradual = configs["fmnist_lenet300_gradual"]
     steps_per_epoch = -(-55000 // gradual.data.batch_size)
     assert gradual_end(gradual.schedule) <= steps_per_epoch * gradual.finetune.epochs
+
+
+def test_gradual_under_mpirun_keeps_replicas_identical_and_reaches_the_target(tmp_path):
+    """Every rank reaches each mask update at the same step and runs its collectives in step."""
+    if shutil.which("mpirun") is None:
+        missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
+    finished = launch(["mpirun", "-n", "2", *driver("train", str(tmp_path), str(CONFIGS / "smoke.yaml"),
+                                                     "schedule.kind=gradual", "schedule.rounds=1", "schedule.interval=2",
+                                                     "schedule.updates=3", "prune.criterion=taylor",
+                                                     "calibration.batch_size=32", "calibration.batches=3")])
+    assert finished.returncode == 0, finished.stderr
+    replicas = [load_state_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert all(torch.equal(replicas[0][name], replicas[1][name]) for name in replicas[0])
+    masks = archive_masks(tmp_path / "run.h5", 1)
+    total = sum(replicas[0][name].numel() for name in masks)
+    kept = 0
+    for name, packed in masks.items():
+        keep = torch.from_numpy(np.unpackbits(packed, count=replicas[0][name].numel()).astype(bool))
+        assert torch.count_nonzero(replicas[0][name].flatten()[~keep]) == 0
+        kept += int(keep.sum())
+    assert kept == total - prune_count(0.75, total)
