@@ -1,7 +1,8 @@
 """Selection fanned out in stages (hpcprune.fanout): inline, on a real local SLURM job array, on dask.
 
-Every fanned-out run is compared bit for bit with the same config selected in one process (which
-tests/test_distributed.py shows equal to mpirun and torchrun worlds of every size).
+Every fanned-out run is compared bit for bit with the same config selected in one process, and the
+SLURM array's with an `mpirun -n 2` run too (tests/test_distributed.py shows one process equal to
+mpirun and torchrun worlds of every size).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -110,6 +112,25 @@ def test_replay_world_refuses_a_contribution_that_changed(tmp_path):
         ReplayWorld(files, rank=0, size=2).allreduce_sum(np.array([1, 3], dtype=np.int64))
 
 
+def test_a_waiting_task_goes_on_with_a_sum_stored_while_it_waits(tmp_path):
+    files = RoundFiles(tmp_path)
+    contribution = np.array([2, 5], dtype=np.int64)
+    files.reduced_path(1).parent.mkdir(parents=True)
+
+    def store_sum() -> None:  # as the coordinator does: written aside, then renamed
+        np.save(tmp_path / "sum.npy", contribution * 2)
+        os.replace(tmp_path / "sum.npy", files.reduced_path(1))
+
+    later = threading.Timer(0.3, store_sum)
+    later.start()
+    try:
+        assert np.array_equal(ReplayWorld(files, rank=0, size=2, linger_s=60).allreduce_sum(contribution),
+                              contribution * 2)
+    finally:
+        later.cancel()
+    assert np.array_equal(np.load(files.part_path(1, 0)), contribution), "it wrote its part before waiting"
+
+
 def test_reduce_stage_gives_what_an_allreduce_gives(tmp_path):
     files = RoundFiles(tmp_path)
     parts = [np.random.default_rng(rank).integers(0, 1 << 40, size=65537, dtype=np.int64) for rank in range(4)]
@@ -135,7 +156,7 @@ def test_inline_fanout_gives_the_single_process_masks_for_every_rule(references,
     assert_same_masks(mine, references / "tied-global.h5")
 
 
-def test_nan_scores_stop_every_shard_with_the_cause_and_are_not_retried(tmp_path, monkeypatch):
+def test_nan_scores_end_the_round_naming_the_shard_and_the_cause(tmp_path, monkeypatch):
     monkeypatch.setitem(CRITERIA, "nan", lambda spec, weight, context, out=None: weight.detach() * np.float32("nan"))
     with pytest.raises(ValueError, match=r"shard \d: scores\['.*'\] contain NaN"):
         single_process_run(tmp_path, "global", "prune.criterion=nan", "fanout.backend=inline", "fanout.shards=2")
