@@ -269,6 +269,14 @@ def test_slurm_array_masks_equal_the_mpi_and_single_process_masks(slurm, mpirun_
         assert any("_" in log.name for log in logs), "the tasks ran as array jobs"
 
 
+def test_an_array_sbatch_refuses_ends_the_run_with_one_line(slurm, tmp_path):
+    done = run_cli("prune", "--config", str(REFERENCE), "--out", str(tmp_path / "refused.h5"),
+                   "--set", "fanout.backend=slurm-array", "--set", "fanout.slurm.partition=no-such-partition")
+    assert done.returncode == 2, done.stderr
+    assert "hpcprune: error: fanout.backend slurm-array: sbatch refused the array" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_killed_array_task_is_run_again_alone(slurm, tmp_path, monkeypatch):
     from hpcprune.launch.array import SlurmArray
 

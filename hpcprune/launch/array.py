@@ -9,11 +9,13 @@ limit, CPUs and memory come from `fanout.slurm`; logs go to `<archive stem>.fano
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import submitit
 
 from hpcprune.config import FanoutConfig
+from hpcprune.errors import UsageError
 from hpcprune.fanout import Backend, Running, Task
 
 
@@ -30,6 +32,8 @@ class ShardTask(submitit.helpers.Checkpointable):
 
 class SlurmArray(Backend):
     def __init__(self, config: FanoutConfig, logs: Path):
+        if shutil.which("sbatch") is None:
+            raise UsageError("fanout.backend slurm-array needs SLURM: sbatch is not on PATH")
         slurm = config.slurm
         self.executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")
         parameters = dict(name="hpcprune-scoring", timeout_min=slurm.time_min, cpus_per_task=slurm.cpus_per_task,
@@ -38,8 +42,12 @@ class SlurmArray(Backend):
         self.executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
 
     def submit(self, task: Task, folder: str, ranks: list[int]) -> list[Running]:
-        with submitit.helpers.clean_env():  # from inside a SLURM job (hpcprune submit), submit a fresh one
-            jobs = self.executor.map_array(ShardTask(task), [folder] * len(ranks), ranks)
+        try:
+            with submitit.helpers.clean_env():  # from inside a SLURM job (hpcprune submit), submit a fresh one
+                jobs = self.executor.map_array(ShardTask(task), [folder] * len(ranks), ranks)
+        except submitit.core.utils.FailedJobError as error:  # sbatch said no: a partition, a limit, a QoS
+            raise UsageError(f"fanout.backend slurm-array: sbatch refused the array: "
+                             f"{str(error).strip().splitlines()[-1]}") from None
         return [ArrayTask(job) for job in jobs]
 
 
