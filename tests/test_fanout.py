@@ -324,6 +324,15 @@ def test_dask_local_cluster_masks_equal_the_single_process_masks(dask_distribute
     assert_same_masks(tmp_path / "global.h5", references / "global.h5")
 
 
+def test_a_scheduler_address_where_nothing_answers_ends_the_run_with_one_line(dask_distributed, tmp_path):
+    done = run_cli("prune", "--config", str(REFERENCE), "--out", str(tmp_path / "nobody.h5"),
+                   "--set", "fanout.backend=dask", "--set", "fanout.dask.address=tcp://127.0.0.1:9",
+                   env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
+    assert done.returncode == 2, done.stderr
+    assert "hpcprune: error: fanout.dask.address tcp://127.0.0.1:9: no dask scheduler answers" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.fixture(scope="module")
 def dask_scheduler(dask_distributed) -> str:
     from dask.distributed import LocalCluster

@@ -17,6 +17,7 @@ from pathlib import Path
 from dask.distributed import Client, Future, LocalCluster
 
 from hpcprune.config import FanoutConfig
+from hpcprune.errors import UsageError
 from hpcprune.fanout import Backend, Running, Task
 
 
@@ -46,7 +47,10 @@ class DaskWorkers(Backend):
     def __init__(self, config: FanoutConfig, logs: Path):
         logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines would drown the run's log
         self.cluster = None if config.dask.address else CLUSTERS[config.dask.cluster](config, logs)
-        self.client = Client(config.dask.address or self.cluster)
+        try:
+            self.client = Client(config.dask.address or self.cluster)
+        except OSError as error:  # includes timeouts: nothing answers at that address
+            raise UsageError(f"fanout.dask.address {config.dask.address}: no dask scheduler answers ({error})") from None
 
     def submit(self, task: Task, folder: str, ranks: list[int]) -> list[Running]:
         # pure=False: a task started again must really run, not reuse the failed one's key.
