@@ -3,6 +3,8 @@
     HPCPRUNE_TEST_KILL=write_mask:3 HPCPRUNE_TEST_KILL_RANK=1 mpirun -n 2 python -m tests.crash_points prune --config ...
     HPCPRUNE_TEST_COUNT=counts.json python -m tests.crash_points prune --config ...   # how often each point is reached
 
+With HPCPRUNE_TEST_KILLED=FILE the killed rank first writes the point it died at into FILE.
+
 Nothing here is reachable from `hpcprune` itself: the points are installed by wrapping functions of
 the real modules when this driver starts, and only when the environment asks for them. The kill is
 a real SIGKILL of the process (no exception, no cleanup, no atexit), as an OOM killer or a
@@ -55,6 +57,9 @@ def _target() -> tuple[str, int] | None:
 def reached(point: str) -> None:
     counts[point] += 1
     if (point, counts[point]) == _target():
+        if os.environ.get("HPCPRUNE_TEST_KILLED"):  # tells the test this kill happened (the others may fail first)
+            with open(os.environ["HPCPRUNE_TEST_KILLED"], "w") as record:
+                record.write(f"{point}:{counts[point]} on rank {rank()}")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -1,0 +1,155 @@
+"""Crash consistency: SIGKILL a multi-round run anywhere, resume it, and get exactly the uninterrupted run.
+
+The kills come from `tests.crash_points` (a real SIGKILL when the run reaches the N-th scoring call,
+allreduce, training batch, state write, half-written round, ...). After every kill the archive must
+open and validate, every round marked complete must hold all its data, and once resumed to the end
+the masks (bit for bit), metrics, curves and final weights must equal those of a run never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+from safetensors.numpy import load_file
+
+from hpcprune.archive_reader import open_archive
+from tests.conftest import missing
+from tests.helpers import CONFIGS, ROOT, archive_masks, complete_rounds
+
+ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+}
+# configs/smoke.yaml made smaller: every stage (dense training, scoring, selection, fine-tuning,
+# archive writes) in 3 rounds, with as few batches as still make a training curve.
+SMALL = ["--config", str(CONFIGS / "smoke.yaml"), "--set", "data.synthetic_size=384", "--set",
+         "data.validation_size=64", "-q"]
+KILLS = 20
+VOLATILE = ("seconds", "seconds_select", "seconds_finetune", "seconds_record", "seconds_write")
+
+
+def crash_run(out: Path, *args: str, launcher: list[str] = (), kill: str | None = None, rank: int = 0,
+              count: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV}
+    if kill:
+        env.update(HPCPRUNE_TEST_KILL=kill, HPCPRUNE_TEST_KILL_RANK=str(rank), HPCPRUNE_TEST_KILLED=str(out) + ".killed")
+    if count:
+        env["HPCPRUNE_TEST_COUNT"] = str(count)
+    command = [*launcher, sys.executable, "-m", "tests.crash_points", "prune", *SMALL, "--out", str(out), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+def assert_consistent(path: Path) -> None:
+    """What any reader may rely on after a kill: the archive opens, and "complete" means complete."""
+    if not path.exists():
+        return  # killed before the new archive was renamed into place: there is nothing to read
+    reader = open_archive(path)
+    if reader.dense is not None:
+        assert Path(reader.dense["state_file"]).is_file()
+        load_file(reader.dense["state_file"])
+    for attrs in reader.rounds():
+        index = attrs["index"]
+        masks = reader.read_masks(index)  # every checksum verified
+        layers = reader.layers(index)
+        assert [layer["name"] for layer in layers] == list(masks)
+        assert sum(int(mask.sum()) for mask in masks.values()) == attrs["kept"] == sum(layer["kept"] for layer in layers)
+        assert len(reader.history(index)) == 1
+        load_file(attrs["state_file"])  # the weights this round ended with are readable
+
+
+def run_facts(path: Path) -> dict:
+    """Everything a run produced that must not depend on being killed: masks, figures, curves, weights."""
+    reader = open_archive(path)
+    rounds = reader.rounds()
+    return {
+        "dense": {key: value for key, value in reader.dense.items() if key not in VOLATILE},
+        "rounds": [{key: value for key, value in attrs.items() if key not in VOLATILE} for attrs in rounds],
+        "history": [reader.history(attrs["index"]) for attrs in rounds],
+        "masks": [{name: packed.tobytes() for name, packed in archive_masks(path, attrs["index"]).items()} for attrs in rounds],
+        "weights": {name: tensor.tobytes() for name, tensor in load_file(rounds[-1]["state_file"]).items()},
+    }
+
+
+def assert_same_run(mine: Path, reference: Path) -> None:
+    ours, theirs = run_facts(mine), run_facts(reference)
+    assert complete_rounds(mine) == complete_rounds(reference) == [1, 2, 3]
+    assert ours["masks"] == theirs["masks"]  # bit for bit
+    for key in ("dense", "rounds", "history"):
+        assert json.dumps(ours[key], sort_keys=True, default=str).replace(str(mine.with_suffix("")), "RUN") == \
+            json.dumps(theirs[key], sort_keys=True, default=str).replace(str(reference.with_suffix("")), "RUN"), key
+    assert ours["weights"] == theirs["weights"]
+
+
+def test_kill_between_a_complete_round_and_its_checkpoint_resumes_exactly(tmp_path):
+    """Round 2 is complete on disk but /checkpoint still names round 1's state: resume must use round 2's."""
+    reference = tmp_path / "reference.h5"
+    assert crash_run(reference).returncode == 0
+    out = tmp_path / "killed.h5"
+    killed = crash_run(out, kill="mark_checkpoint:2")
+    assert killed.returncode == -9, killed.stderr
+    assert complete_rounds(out) == [1, 2]
+    with h5py.File(out, "r") as archive:
+        assert archive["checkpoint"].attrs["round"] == 1  # the window this test is about
+    assert_consistent(out)
+    assert crash_run(out, "--resume").returncode == 0
+    assert_same_run(out, reference)
+
+
+@pytest.fixture(scope="module")
+def mpirun() -> str:
+    launcher = shutil.which("mpirun")
+    if launcher is None:
+        missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
+    return launcher
+
+
+def kill_schedule(counts: list[dict[str, int]], seed: int) -> list[tuple[str, int, int]]:
+    """KILLS (point, n-th time, rank) drawn evenly over the points each rank reaches in a whole run."""
+    generator = random.Random(seed)
+    moments = []
+    for _ in range(KILLS * 2):  # more than needed: a kill past the end of a resumed run never fires
+        rank = generator.randrange(len(counts))
+        point = generator.choice(sorted(counts[rank]))
+        moments.append((point, generator.randint(1, counts[rank][point]), rank))
+    return moments
+
+
+def test_twenty_random_kills_under_mpirun_resume_to_the_uninterrupted_run(mpirun, tmp_path):
+    launcher = [mpirun, "-n", "2"]
+    reference, count = tmp_path / "reference.h5", tmp_path / "counts"
+    done = crash_run(reference, launcher=launcher, count=count)
+    assert done.returncode == 0, done.stderr
+    counts = [json.loads(Path(f"{count}.{rank}").read_text()) for rank in (0, 1)]
+    stages = {"score", "allreduce", "batch", "write_mask", "commit", "save_state"}
+    assert stages <= counts[0].keys()  # the moments cover scoring, selection, fine-tuning and writing
+
+    out, kills, points, chains = tmp_path / "run.h5", 0, set(), 0
+    for point, nth, rank in kill_schedule(counts, seed=8):
+        if kills == KILLS:
+            break
+        attempt = crash_run(out, "--resume", launcher=launcher, kill=f"{point}:{nth}", rank=rank)
+        if attempt.returncode == 0:  # the resumed run ended before reaching that moment
+            assert_same_run(out, reference)
+            out.unlink()
+            shutil.rmtree(out.with_suffix(".states"), ignore_errors=True)
+            chains += 1
+            continue
+        # The kill happened (the surviving rank may report its broken collective first), and nothing else failed.
+        assert Path(f"{out}.killed").read_text() == f"{point}:{nth} on rank {rank}", attempt.stderr
+        Path(f"{out}.killed").unlink()
+        kills += 1
+        points.add(point)
+        assert_consistent(out)
+    assert kills == KILLS and len(points) >= 6, (kills, points)
+
+    finished = crash_run(out, "--resume", launcher=launcher)
+    assert finished.returncode == 0, finished.stderr
+    assert_same_run(out, reference)
