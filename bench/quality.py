@@ -104,7 +104,7 @@ def gradual_schedule(epochs: int, batch_size: int = 128) -> dict:
 def measure(args, work: Path, results: dict, save) -> None:
     for model in args.models:
         checkpoint, dense = dense_model(model, work, args)
-        entry = results["models"][model] = {"dense": dense, "settings": settings(args), "cells": []}
+        entry = results["models"][f"{model} {args.tag}".strip()] = {"dense": dense, "settings": settings(args), "cells": []}
         save()
         for criterion in args.criteria:
             for sparsity in args.sparsities:
@@ -171,17 +171,18 @@ def markdown(results: dict) -> str:
 
 
 def target_lines(results: dict) -> list[str]:
-    entry = results["models"].get("lenet300")
-    if not entry:
+    entries = {name: entry for name, entry in results["models"].items() if name.startswith("lenet300")}
+    if not entries:
         return []
-    lines = ["## Target: LeNet-300-100 after fine-tuning", "", "| sparsity | criterion | loss against dense (pp) | allowed | met |",
-             "|---|---|---|---|---|"]
-    for sparsity, allowed in TARGETS.items():
-        for cell in entry["cells"]:
-            if cell["schedule"] == "oneshot" and cell["sparsity"] == sparsity:
-                loss = entry["dense"] - cell["finetuned"]
-                lines.append(f"| {100 * sparsity:g} % | {cell['criterion']} | {100 * loss:.2f} | {100 * allowed:g} | "
-                             f"{'yes' if loss <= allowed + 1e-9 else 'no'} |")
+    lines = ["## Target: LeNet-300-100 after fine-tuning", "",
+             "| run | sparsity | criterion | schedule | loss against dense (pp) | allowed | met |", "|---|---|---|---|---|---|---|"]
+    for name, entry in entries.items():
+        for sparsity, allowed in TARGETS.items():
+            for cell in entry["cells"]:
+                if cell["sparsity"] == sparsity:
+                    loss = entry["dense"] - cell["finetuned"]
+                    lines.append(f"| {name} | {100 * sparsity:g} % | {cell['criterion']} | {cell['schedule']} | "
+                                 f"{100 * loss:.2f} | {100 * allowed:g} | {'yes' if loss <= allowed + 1e-9 else 'no'} |")
     return lines + [""]
 
 
@@ -192,13 +193,17 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(results["models"])
-    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for axis, model in zip(axes[0], models):
+    columns = min(2, len(models))
+    rows = -(-len(models) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.8 * rows), squeeze=False)
+    for axis in axes.flat[len(models):]:
+        axis.set_visible(False)
+    for axis, model in zip(axes.flat, models):
         entry = results["models"][model]
-        for index, criterion in enumerate(dict.fromkeys(c["criterion"] for c in entry["cells"])):
+        for criterion in dict.fromkeys(c["criterion"] for c in entry["cells"]):
             cells = sorted((c for c in entry["cells"] if c["criterion"] == criterion and c["schedule"] == "oneshot"),
                            key=lambda c: c["sparsity"])
-            colour = f"C{index}"
+            colour = f"C{CRITERIA.index(criterion) if criterion in CRITERIA else len(CRITERIA)}"  # same in every panel
             xs = [100 * c["sparsity"] for c in cells]
             axis.plot(xs, [100 * c["finetuned"] for c in cells], "-o", color=colour, label=f"{criterion} fine-tuned")
             axis.plot(xs, [100 * c["oneshot"] for c in cells], "--", color=colour, alpha=0.6, label=f"{criterion} one-shot")
@@ -210,7 +215,7 @@ def plot(results: dict, path: Path) -> None:
         axis.set(title=f"{model} on Fashion-MNIST", xlabel="sparsity (%)", ylabel="test accuracy (%)")
         axis.set_ylim(max(0, 100 * entry["dense"] - 40), 100 * entry["dense"] + 3)
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left", ncol=2)
+    axes.flat[0].legend(fontsize=7, loc="lower left", ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -226,6 +231,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small models: 1 wastes least)")
     parser.add_argument("--append", action="store_true", help="keep the other models already in quality.json")
+    parser.add_argument("--tag", default="", help="names this run's entries '<model> <tag>' (e.g. longer fine-tuning)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
