@@ -93,6 +93,8 @@ class PruneConfig(Section):
     """Absolute score threshold (rule threshold)."""
     exclude: list[str] = Field(default_factory=list)
     """Glob patterns of parameter names kept dense, e.g. ["fc1.weight", "*.fc_out.*"]."""
+    batchnorm_scale: bool = False
+    """Granularity channel: multiply a producer's channel norm by |gamma| of the BatchNorm after it."""
     n: int = Field(2, gt=0)
     """Weights kept in each group of `m` (rule nm): 2:4 and 4:8 are the patterns sparse tensor cores run."""
     m: int = Field(4, gt=1)
@@ -119,8 +121,6 @@ class PruneConfig(Section):
                 raise ValueError(f"rule 'nm' {self.n}:{self.m} prunes {1 - self.n / self.m:g}: leave prune.sparsity out")
             object.__setattr__(self, "sparsity", 1 - self.n / self.m)
         return self
-    batchnorm_scale: bool = False
-    """Granularity channel: multiply a producer's channel norm by |gamma| of the BatchNorm after it."""
 
     @model_validator(mode="after")
     def _threshold_needs_value(self) -> PruneConfig:
