@@ -74,8 +74,13 @@ def _final_summary(result) -> str:
         lines += [f"dense test accuracy  {100 * result.dense_accuracy:.2f} %",
                   f"pruned test accuracy {100 * result.final_accuracy:.2f} % "
                   f"({100 * (result.final_accuracy - result.dense_accuracy):+.2f} pp)"]
-    lines.append(f"sparsity             {100 * result.achieved_sparsity:.4f} % achieved, {100 * result.target_sparsity:.4f} % asked "
-                 f"({result.kept} of {result.total} prunable weights kept)")
+    if result.target_unit == "weights":
+        lines.append(f"sparsity             {100 * result.achieved_sparsity:.4f} % achieved, {100 * result.target_sparsity:.4f} % asked "
+                     f"({result.kept} of {result.total} prunable weights kept)")
+    else:  # the target counts channels; the weights they take with them are what the model loses
+        lines.append(f"sparsity             {100 * result.target_sparsity:.4f} % of {result.target_unit} asked, "
+                     f"{100 * result.achieved_sparsity:.4f} % of weights achieved "
+                     f"({result.kept} of {result.total} prunable weights kept)")
     return "\n".join(lines)
 
 

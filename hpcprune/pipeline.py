@@ -63,6 +63,7 @@ class RunResult:
     kept: int
     total: int
     model: nn.Module | None  # the pruned, fine-tuned model (plain module, masks applied)
+    target_unit: str = "weights"  # what target_sparsity counts: weights, or channels (prune.granularity)
 
 
 @dataclass
@@ -114,7 +115,8 @@ def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = 
         Archive.at(job.path).record_event("finish", f"{len(targets)} round(s), {kept} of {job.plan.total} weights kept")
     world.barrier()
     return RunResult(str(job.path), dense_accuracy, accuracy, config.prune.sparsity,
-                     1.0 - kept / job.plan.total, kept, job.plan.total, job.model)
+                     1.0 - kept / job.plan.total, kept, job.plan.total, job.model,
+                     "channels" if job.channels is not None else "weights")
 
 
 def _model_job(config: RunConfig, world: World) -> Job:

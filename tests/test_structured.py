@@ -376,5 +376,6 @@ def test_cli_prunes_whole_resnet8_channels_and_records_them(tmp_path):
     assert assert_whole_channels_dead(model, channels, final) == pruned
     for group in channels.groups:
         assert kept_channels(group, final).numel() == group.size - prune_count(0.5, group.size)
+    assert "50.0000 % of channels asked" in finished.stdout  # the summary says what the target counts
     first = archive_masks(out, 1)  # round 2 prunes on top of round 1
     assert all(not np.any(np.unpackbits(packed[name]) & ~np.unpackbits(first[name])) for name in first)
