@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 
@@ -22,7 +23,10 @@ import click
 
 from hpcprune import __version__
 from hpcprune.errors import UsageError
-from hpcprune.world import PeerLost, World, launcher_rank
+from hpcprune.world import World, is_peer_loss, launcher_rank
+
+PEER_LOSS_GRACE_SECONDS = 3.0
+"""How long a rank that lost a peer waits before it aborts, so the launcher names the dead rank first."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -261,19 +265,22 @@ def ends_every_rank_on_failure(world: World) -> Iterator[None]:
     once, with the rank, then end the whole job (MPI_Abort or equivalent)."""
     try:
         yield
-    except PeerLost as error:
-        # Another rank failed and reported why; this rank only says that it stops.
-        click.echo(f"[rank {world.rank}] stopping: {error}", err=True)
-        world.abort(1)
     except UsageError as error:
         if world.size == 1:
             raise
         click.echo(f"hpcprune: error: [rank {world.rank}] {error}", err=True)
         world.abort(error.exit_code)
-    except Exception:
+    except Exception as error:
         if world.size == 1:
             raise
-        click.echo(f"[rank {world.rank}] failed:\n{traceback.format_exc()}", err=True)
+        if not is_peer_loss(error):
+            click.echo(f"[rank {world.rank}] failed:\n{traceback.format_exc()}", err=True)
+            world.abort(1)
+        # Another rank failed or died: it, or the launcher that saw it die, says which and why.
+        # This rank only says that it stops, and gives the launcher a moment to report the dead
+        # rank before an abort in this rank's name would come first.
+        click.echo(f"[rank {world.rank}] stopping: another rank is gone ({str(error).splitlines()[0][:200]})", err=True)
+        time.sleep(PEER_LOSS_GRACE_SECONDS)
         world.abort(1)
 
 

@@ -20,6 +20,17 @@ class PeerLost(RuntimeError):
     """A collective failed because another rank is gone: that rank reports the cause, not this one."""
 
 
+# What gloo says when the rank at the other end of a connection died (DDP's gradient allreduce
+# reaches gloo directly, not through a World collective, so its errors arrive unwrapped).
+PEER_GONE_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def is_peer_loss(error: BaseException) -> bool:
+    """True when `error` says another rank is gone rather than that this rank failed."""
+    return isinstance(error, PeerLost) or (isinstance(error, RuntimeError) and any(
+        message in str(error) for message in PEER_GONE_MESSAGES))
+
+
 class World(abc.ABC):
     """One process's view of the job."""
 

@@ -52,3 +52,20 @@ def test_a_rank_killed_in_a_collective_ends_torchrun(tmp_path, point):
     assert finished.returncode != 0
     output = finished.stdout + finished.stderr
     assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*-9", output), output
+
+
+def test_a_rank_killed_mid_training_is_named_by_mpirun(tmp_path):
+    """During DDP the survivor learns of the death from gloo first ("connection reset"); it must leave
+    the report to the launcher, which knows which rank died and how, instead of aborting in its name."""
+    mpirun = shutil.which("mpirun") or missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
+    command = [mpirun, "-n", "2", sys.executable, "-m", "tests.crash_points", "prune", "--config",
+               str(CONFIGS / "smoke.yaml"), "--out", str(tmp_path / "run.h5"), "-q", "--set", "progress=false"]
+    try:
+        finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=HANG_LIMIT,
+                                  env={**os.environ, **ENV, "HPCPRUNE_TEST_KILL": "batch:5"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run was still running {HANG_LIMIT} s after rank 1 was killed mid-training")
+    assert finished.returncode != 0
+    output = finished.stdout + finished.stderr
+    assert re.search(r"rank 1 .*(signal 9|Killed)", output), output
+    assert "Traceback" not in output  # the survivor says it stops, once, without a second story
