@@ -58,9 +58,13 @@ class SavedTraining:
 class EpochCheckpoint:
     """The `finetune.Resumable` of one training stage of the run recorded in `archive`."""
 
-    def __init__(self, world: World, archive: Path, stage: int, label: str, saved: SavedTraining | None):
+    def __init__(self, world: World, archive: Path, stage: int, label: str, saved: SavedTraining | None,
+                 *, saves: bool = True):
         self.world, self.archive, self.stage, self.label = world, Path(archive), stage, label
         self.saved = saved if saved is not None and saved.stage == stage else None
+        # A gradual round's masks move with the steps: its model, optimizer and RNG alone would not
+        # resume it to the same masks, so such a stage stops without saving and is redone whole.
+        self.saves = saves
 
     def restore(self, state: TrainingState) -> None:
         if self.saved is None:
@@ -81,7 +85,7 @@ class EpochCheckpoint:
                  state.epochs, record.train_loss, 100 * record.eval_accuracy)
         if state.epoch < state.epochs:  # after the last epoch the stage is recorded whole instead
             stop_here(self.world, self.archive, f"in {self.label} after epoch {state.epoch} of {state.epochs}",
-                      save=lambda: self.save(state))
+                      save=(lambda: self.save(state)) if self.saves else None)
 
     def save(self, state: TrainingState) -> None:
         """Rank 0: write the state files, then point /checkpoint at them (the files first: a crash

@@ -404,7 +404,8 @@ def _train(job: Job, train_config, *, masks, seed, label, stage, **hooks):
         return []
     config = job.config
     model = wrap_for_training(job.model, job.world, job.device)
-    resumable = EpochCheckpoint(job.world, job.path, stage, label, job.saved_training)
+    gradual_round = stage > 0 and config.schedule.kind == "gradual"
+    resumable = EpochCheckpoint(job.world, job.path, stage, label, job.saved_training, saves=not gradual_round)
     return train(model, job.splits.train, job.splits.validation, train_config, world=job.world, device=job.device,
                  seed=seed, batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
                  masks=masks, progress=config.progress, describe=label, resumable=resumable, **hooks)

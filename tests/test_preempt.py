@@ -100,3 +100,26 @@ def test_sigterm_between_rounds_stops_before_the_next_round_and_resume_gives_the
     for index in range(1, 9):
         ours, theirs = archive_masks(tmp_path / "resumed.h5", index), archive_masks(tmp_path / "uninterrupted.h5", index)
         assert all(np.array_equal(ours[name], theirs[name]) for name in theirs), f"round {index}"
+
+
+def test_a_gradual_round_stopped_mid_fine_tuning_is_redone_whole_to_the_same_masks(tmp_path):
+    """A gradual round's masks move with the optimizer steps: it saves no mid-round state, and the
+    resumed run redoes the round from its start, ending where the uninterrupted run ends."""
+    gradual = ("--set", "schedule={kind: gradual, rounds: 1, initial_sparsity: 0.3, start_step: 0, interval: 20, updates: 8}",
+               "--set", "data.synthetic_size=4096", "--set", "pretrain.epochs=0", "--set", f"finetune.epochs={EPOCHS}",
+               "--set", "progress=false")
+    uninterrupted = run_cli(*prune_args(tmp_path / "uninterrupted.h5", *gradual), env=PLAIN_ENV)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    status, log = interrupt_on(EPOCH_MARKER, prune(tmp_path / "resumed.h5", *gradual), signal.SIGUSR1)
+    assert status == PREEMPTED_EXIT, log
+    with h5py.File(tmp_path / "resumed.h5", "r") as archive:
+        assert "training_stage" not in (archive["checkpoint"].attrs if "checkpoint" in archive else {})
+
+    resumed = run_cli(*prune_args(tmp_path / "resumed.h5", *gradual, "--resume"), env=PLAIN_ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing after epoch" not in resumed.stderr
+    ours, theirs = archive_masks(tmp_path / "resumed.h5", 1), archive_masks(tmp_path / "uninterrupted.h5", 1)
+    assert list(ours) == list(theirs) and all(np.array_equal(ours[name], theirs[name]) for name in theirs)
+    with h5py.File(tmp_path / "resumed.h5", "r") as a, h5py.File(tmp_path / "uninterrupted.h5", "r") as b:
+        assert np.array_equal(a["rounds/0001/history"][()], b["rounds/0001/history"][()])
+        assert a["rounds/0001"].attrs["accuracy"] == b["rounds/0001"].attrs["accuracy"]
