@@ -314,6 +314,9 @@ class RunConfig(Section):
         if needs_calibration(self.prune.criterion):
             raise ValueError(f"fanout.backend {self.fanout.backend!r}: criterion {self.prune.criterion!r} needs "
                              f"calibration data, which the tasks do not have; use fanout.backend {IN_WORLD!r}")
+        if self.schedule.kind == "gradual":
+            raise ValueError(f"fanout.backend {self.fanout.backend!r}: schedule.kind gradual selects again and again "
+                             f"within the training ranks; use fanout.backend {IN_WORLD!r}")
         return self
 
     def to_yaml(self) -> str:

@@ -47,9 +47,6 @@ class GradualPruner:
         """A pruner for a gradual round (None for other schedules), refused when fine-tuning ends too soon."""
         if config.schedule.kind != "gradual":
             return None
-        if config.fanout.backend != "world":  # its mask updates run inside training, in this process's ranks
-            raise UsageError(f"schedule.kind gradual selects within the training ranks: use fanout.backend world, "
-                             f"not {config.fanout.backend!r}")
         total = 0
         if splits is not None and config.finetune.epochs:
             steps = len(make_loader(splits.train, config.data.batch_size, shuffle=True, seed=seed, world=world))

@@ -48,8 +48,6 @@ CASES = {  # name -> overrides of oneshot_global.yaml
     "tied-row": [TIED, "prune.rule=row"],
     "tied-nm": [TIED, "prune.rule=nm", "prune.sparsity=0.5"],
     "min-density": ["prune.min_density=0.15"],
-    "gradual": ["schedule.kind=gradual", "schedule.initial_sparsity=0.3", "schedule.interval=1", "schedule.updates=2",
-                "finetune.epochs=1"],
 }
 
 
@@ -167,6 +165,7 @@ def test_nan_scores_end_the_round_naming_the_shard_and_the_cause(tmp_path, monke
     (["prune.criterion=wanda"], "criterion 'wanda' needs calibration data"),
     (["prune.granularity=channel", "prune.criterion=l1"], "selects single weights"),
     (["fanout.backend=dask", "fanout.dask.cluster=slurm"], "needs fanout.slurm.mem_gb"),
+    (["schedule.kind=gradual", "finetune.epochs=1"], "gradual selects again and again"),
 ])
 def test_configs_the_tasks_cannot_run_are_refused_naming_the_key(overrides, message):
     with pytest.raises(UsageError, match=message):

@@ -93,12 +93,6 @@ def test_gradual_schedule_longer_than_fine_tuning_is_refused(tmp_path):
         gradual_training(tmp_path, long, 0.9)
 
 
-def test_gradual_schedule_refuses_selection_outside_the_training_ranks(tmp_path):
-    config = validate_tree({"schedule": GRADUAL.model_dump(), "fanout": {"backend": "inline"}}, "test")
-    with pytest.raises(UsageError, match="gradual selects within the training ranks"):
-        GradualPruner.for_round(config, None, None, SingleWorld(), 0.9, None, seed=0)
-
-
 def test_gradual_run_records_the_target_sparsity(tmp_path):
     out = tmp_path / "gradual.h5"
     config = load_config(CONFIGS / "smoke.yaml", [
