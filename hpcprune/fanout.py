@@ -34,16 +34,12 @@ import contextlib
 import importlib
 import importlib.util
 import io
-import json
 import logging
-import math
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -51,8 +47,10 @@ import numpy as np
 
 from hpcprune.config import FanoutConfig, RunConfig, load_config_text
 from hpcprune.errors import UsageError
+from hpcprune.fanout_files import (POLL_S, REFUSALS, RoundDescription, RoundFiles, load_selection, save_selection,
+                                   write_aside)
 from hpcprune.models import save_checkpoint
-from hpcprune.plan import Plan, TensorSpec, assign_owners
+from hpcprune.plan import Plan, TensorSpec
 from hpcprune.select import Selection
 from hpcprune.weights import CheckpointWeights
 from hpcprune.world import World
@@ -65,123 +63,7 @@ IN_WORLD = "world"
 MAX_STAGES = 32
 """More stages than any rule has (the global rule has 4): past it the tasks are not converging."""
 
-POLL_S = 0.05
-"""How often a waiting task and the coordinator look for the files they wait for."""
-
 Task = Callable[[str, int], str]  # (round folder, shard rank) -> what the task left behind
-
-
-# --- the files of one fanned-out round -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoundDescription:
-    """Everything a task needs to select its shard, written once by the coordinator as round.json."""
-
-    config: str  # the run's resolved config (YAML): criterion, rule and its options, seed
-    target: float  # the sparsity this selection prunes to
-    shards: int
-    tensors: list[tuple[str, tuple[int, ...]]]  # every prunable tensor (name, shape), in global order
-    weights: str  # safetensors file holding at least the prunable tensors
-    previous: str | None = None  # .npz of earlier masks ("t<index>": packed bits), or None
-    linger_s: float = 0.0  # how long a task waits for a stage's sum before it stops
-
-    def plan(self) -> Plan:
-        """The plan over `shards` ranks: the same split a world of that size would make."""
-        specs = tuple(TensorSpec(index, name, tuple(shape)) for index, (name, shape) in enumerate(self.tensors))
-        return Plan(specs, assign_owners(specs, self.shards))
-
-
-class RoundFiles:
-    """The folder of one round: round.json, stage-<s>/part-<rank>.npy and reduced.npy, result-<rank>.npz."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-
-    def describe(self, description: RoundDescription) -> None:
-        _write_aside(self.folder / "round.json", lambda file: file.write(json.dumps(asdict(description)).encode()))
-
-    def description(self) -> RoundDescription:
-        fields = json.loads((self.folder / "round.json").read_text())
-        fields["tensors"] = [(name, tuple(shape)) for name, shape in fields["tensors"]]
-        return RoundDescription(**fields)
-
-    def _stage(self, stage: int) -> Path:
-        return self.folder / f"stage-{stage:03d}"
-
-    def part_path(self, stage: int, rank: int) -> Path:
-        return self._stage(stage) / f"part-{rank:05d}.npy"
-
-    def reduced_path(self, stage: int) -> Path:
-        return self._stage(stage) / "reduced.npy"
-
-    def result_path(self, rank: int) -> Path:
-        return self.folder / f"result-{rank:05d}.npz"
-
-    def error_path(self, rank: int) -> Path:
-        return self.folder / f"error-{rank:05d}.txt"
-
-    def write_part(self, stage: int, rank: int, array: np.ndarray) -> None:
-        _write_aside(self.part_path(stage, rank), lambda file: np.save(file, np.ascontiguousarray(array)))
-
-    def reduced(self, stage: int, wait_s: float = 0.0) -> np.ndarray | None:
-        """The sum of `stage`, waiting up to `wait_s` seconds for the coordinator to store it; else None."""
-        path, deadline = self.reduced_path(stage), time.monotonic() + wait_s
-        while not path.exists():
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(POLL_S)
-        return np.load(path)
-
-    def write_result(self, rank: int, selection: Selection, specs: list[TensorSpec]) -> None:
-        _write_aside(self.result_path(rank), lambda file: save_selection(file, selection, specs))
-
-    def write_error(self, rank: int, error: Exception) -> None:
-        line = json.dumps([type(error).__name__, f"shard {rank}: {error}"])
-        _write_aside(self.error_path(rank), lambda file: file.write(line.encode()))
-
-    def raise_errors(self, shards: int) -> None:
-        """Raise what the tasks refused, as the selection raised it (UsageError before ValueError)."""
-        errors = [json.loads(self.error_path(rank).read_text()) for rank in range(shards)
-                  if self.error_path(rank).exists()]
-        if errors:
-            kind = min((kind for kind, _ in errors), key=list(REFUSALS).index)
-            raise REFUSALS[kind]("; ".join(message for _, message in errors))
-
-    def answered(self, stage: int, rank: int) -> bool:
-        """Whether `rank` left its answer to `stage`: its contribution, its masks, or its error."""
-        return any(path.exists() for path in (self.part_path(stage, rank), self.result_path(rank), self.error_path(rank)))
-
-
-def save_selection(file, selection: Selection, specs: list[TensorSpec]) -> None:
-    """The masks of `specs` ("t<index>": packed bits), kept count and threshold (NaN: none) as one .npz."""
-    threshold = math.nan if selection.threshold is None else selection.threshold
-    np.savez(file, kept=np.int64(selection.kept), threshold=np.float64(threshold),
-             **{f"t{spec.index}": selection.masks[spec.name] for spec in specs})
-
-
-def load_selection(file, specs: list[TensorSpec], total: int) -> Selection:
-    """What save_selection wrote, for `specs` (a subset of the tensors it holds)."""
-    with np.load(file) as stored:
-        threshold = float(stored["threshold"])
-        return Selection(masks={spec.name: stored[f"t{spec.index}"] for spec in specs},
-                         threshold=None if math.isnan(threshold) else threshold, kept=int(stored["kept"]),
-                         total=total, shapes={spec.name: spec.shape for spec in specs})
-
-
-def _write_aside(path: Path, write: Callable) -> None:
-    """Write beside `path`, then rename: readers (and a rerun task) see no file or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())  # on a shared filesystem the data must be there before the name
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --- a task: one shard's selection, replayed up to the first stage not yet reduced ---------------------
@@ -245,7 +127,6 @@ class ShardJob:
 
 # What a task's selection may refuse, as every rank would under MPI: the same refusal every time,
 # so it ends the round instead of being started again. Ordered: the first kind found is raised.
-REFUSALS: dict[str, type[Exception]] = {"UsageError": UsageError, "ValueError": ValueError}
 
 
 def run_shard(folder: str, rank: int) -> str:
@@ -337,7 +218,7 @@ def reduce_stage(files: RoundFiles, stage: int, shards: int) -> np.ndarray:
             raise RuntimeError(f"stage {stage}: shard {rank} contributed {part.dtype}{list(part.shape)}, "
                                f"shard 0 {total.dtype}{list(total.shape)}")
         total = part.copy() if total is None else total + part
-    _write_aside(files.reduced_path(stage), lambda file: np.save(file, total))
+    write_aside(files.reduced_path(stage), lambda file: np.save(file, total))
     return total
 
 
@@ -509,7 +390,7 @@ def _describe_round(job, folder: Path, target: float, linger_s: float) -> RoundD
     previous = None
     if job.masks:
         previous = str(folder / "previous.npz")
-        _write_aside(Path(previous), lambda file: np.savez(
+        write_aside(Path(previous), lambda file: np.savez(
             file, **{f"t{spec.index}": job.masks[spec.name] for spec in job.plan.tensors if spec.name in job.masks}))
     return RoundDescription(config=config.to_yaml(), target=target, shards=config.fanout.shards,
                             tensors=[(spec.name, spec.shape) for spec in job.plan.tensors], weights=weights,

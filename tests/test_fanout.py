@@ -21,8 +21,8 @@ import pytest
 
 from hpcprune.config import FanoutConfig, load_config
 from hpcprune.errors import UsageError
-from hpcprune.fanout import (InlineBackend, ReplayWorld, RoundDescription, RoundFiles, StageReached, collect,
-                             reduce_stage, run_shard, run_stages)
+from hpcprune.fanout import InlineBackend, ReplayWorld, StageReached, collect, reduce_stage, run_shard, run_stages
+from hpcprune.fanout_files import RoundDescription, RoundFiles
 from hpcprune.models import save_checkpoint
 from hpcprune.pipeline import run
 from hpcprune.plan import make_plan
