@@ -27,24 +27,17 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# bench/select.py shares its name with the standard library's `select`: keep this folder off the
-# import path, and make the repository importable instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or os.curdir).resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import torch  # noqa: E402
-
-from hpcprune.config import load_config  # noqa: E402
-from hpcprune.export import build_architecture, export, load_exported  # noqa: E402
-from hpcprune.models import load_checkpoint  # noqa: E402
-from hpcprune.pipeline import run  # noqa: E402
-from hpcprune.world import SingleWorld  # noqa: E402
+from hpcprune.config import load_config
+from hpcprune.deploy.export import build_architecture, export, load_exported
+from hpcprune.dist.world import SingleWorld
+from hpcprune.models.builders import load_checkpoint
+from hpcprune.run.pipeline import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENCY_TARGET = 0.6  # compacted / dense at 50 % channels

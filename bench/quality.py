@@ -3,7 +3,7 @@
     python bench/quality.py                                   # the whole grid, both models
     python bench/quality.py --models lenet300 --criteria magnitude --sparsities 0.92 0.95 --finetune-epochs 2
 
-Every cell is a real `hpcprune.pipeline.run` in this process (calibration, selection, fine-tuning,
+Every cell is a real `hpcprune.run.pipeline.run` in this process (calibration, selection, fine-tuning,
 archive), all starting from one dense model per architecture: it is trained once (`--dense-epochs`,
 SGD as in configs) and saved as a safetensors checkpoint, and each cell names it in
 `model.checkpoint`, so the cells differ only by what they measure. For each model, criterion and
@@ -23,29 +23,21 @@ what it measured), quality.md (tables) and quality.png (accuracy against sparsit
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import logging
+import math
+import platform
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# bench/select.py shares its name with the standard library's `select` (which subprocess imports):
-# keep this folder off the import path, and make the repository importable instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from hpcprune.config import validate_tree  # noqa: E402
-from hpcprune.pipeline import run  # noqa: E402
-from hpcprune.world import SingleWorld  # noqa: E402
+from hpcprune.config import validate_tree
+from hpcprune.dist.world import SingleWorld
+from hpcprune.run.pipeline import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ["lenet300", "lenet5"]

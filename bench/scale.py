@@ -13,19 +13,15 @@ machine down.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/select.py would hide the standard library's `select` (which subprocess needs).
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import os
 import resource
 import struct
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -75,7 +71,7 @@ def run_ranks(ranks: int, config: Path) -> dict:
 def as_rank(argv: list[str]) -> None:
     """Run the CLI in this rank, then report its peak RSS (ru_maxrss is in KiB on Linux)."""
     from hpcprune.cli import main
-    from hpcprune.world import launcher_rank
+    from hpcprune.dist.detect import launcher_rank
 
     sys.argv = ["hpcprune", *argv]
     try:

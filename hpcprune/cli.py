@@ -13,7 +13,6 @@ what to do with an existing archive. Errors in what the user gave print one line
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import time
 import traceback
@@ -22,8 +21,10 @@ from collections.abc import Iterator
 import click
 
 from hpcprune import __version__
+from hpcprune.dist.detect import launcher_rank
+from hpcprune.dist.logs import setup_logging
+from hpcprune.dist.world import World, is_peer_loss
 from hpcprune.errors import UsageError
-from hpcprune.world import World, is_peer_loss, launcher_rank
 
 PEER_LOSS_GRACE_SECONDS = 3.0
 """How long a rank that lost a peer waits before it aborts, so the launcher names the dead rank first."""
@@ -53,19 +54,19 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
 
     SIGUSR1 or SIGTERM stops the run at its next safe point, requeues a SLURM job and exits 75.
     """
-    from hpcprune import preempt
     from hpcprune.config import load_config
-    from hpcprune.pipeline import run
-    from hpcprune.world import detect_world
+    from hpcprune.dist import signals
+    from hpcprune.dist.detect import detect_world
+    from hpcprune.run.pipeline import run
 
-    preempt.listen()  # first: from here on a signal can no longer kill the run mid-write
+    signals.listen()  # first: from here on a signal can no longer kill the run mid-write
     if resume and force:
         raise UsageError("--resume and --force contradict each other: pick one")
     all_overrides = list(overrides) + ([f"output.path={out}"] if out else [])
     config = load_config(config_path, all_overrides)
     world = detect_world()
-    _setup_logging(world.rank, quiet)
-    with ends_every_rank_on_failure(world), preempt.exits_when_preempted(world):
+    setup_logging(world.rank, quiet)
+    with ends_every_rank_on_failure(world), signals.exits_when_preempted(world):
         result = run(config, world, resume=resume, force=force)
     world.close()
     if world.is_root:
@@ -115,7 +116,8 @@ def submit(config_path: str | None, overrides: tuple[str, ...], out: str | None,
     from pathlib import Path
 
     from hpcprune.config import load_config
-    from hpcprune.launch.submit import SubmitOptions, submit as submit_job
+    from hpcprune.run.submit import SubmitOptions
+    from hpcprune.run.submit import submit as submit_job
 
     if resume and force:
         raise UsageError("--resume and --force contradict each other: pick one")
@@ -174,7 +176,7 @@ def _show(facts: dict, render, as_json: bool) -> None:
 @AS_JSON
 def inspect_summary(archive: str, as_json: bool) -> None:
     """Provenance, rounds (sparsity, threshold, accuracy, stage times) and the last round's layers."""
-    from hpcprune.inspect import render_summary, summary
+    from hpcprune.read.summary import render_summary, summary
 
     _show(summary(archive), render_summary, as_json)
 
@@ -185,7 +187,7 @@ def inspect_summary(archive: str, as_json: bool) -> None:
 @AS_JSON
 def inspect_layers(archive: str, round_index: int | None, as_json: bool) -> None:
     """One round's per-tensor table with score statistics (recomputed from the recorded weights)."""
-    from hpcprune.inspect import layers, render_layers
+    from hpcprune.read.summary import layers, render_layers
 
     _show(layers(archive, round_index), render_layers, as_json)
 
@@ -197,7 +199,7 @@ def inspect_layers(archive: str, round_index: int | None, as_json: bool) -> None
 @AS_JSON
 def inspect_diff(first: str, second: str, round_index: int | None, as_json: bool) -> None:
     """Per-tensor agreement of two runs' masks (identical bits, Jaccard) and their metrics side by side."""
-    from hpcprune.diff import diff, render_diff
+    from hpcprune.read.diff import diff, render_diff
 
     _show(diff(first, second, round_index), render_diff, as_json)
 
@@ -210,7 +212,7 @@ def inspect_plot(archive: str, out: str | None, force: bool) -> None:
     """PNG figures: per-layer sparsity, accuracy/loss against sparsity, fine-tuning, score histograms."""
     from pathlib import Path
 
-    from hpcprune.plots import write_plots
+    from hpcprune.read.plots import write_plots
 
     written = write_plots(archive, out or Path(archive).with_name(f"{Path(archive).stem}-plots"), force=force)
     click.echo("\n".join([*(f"wrote {file}" for file in written["files"]),
@@ -224,7 +226,7 @@ def inspect_plot(archive: str, out: str | None, force: bool) -> None:
 @FORCE
 def inspect_masks(archive: str, round_index: int | None, out: str, force: bool) -> None:
     """One round's masks as a safetensors file of bool tensors, for use without hpcprune."""
-    from hpcprune.mask_export import export_masks
+    from hpcprune.read.masks_file import export_masks
 
     written = export_masks(archive, out, round_index, force=force)
     click.echo(f"wrote {written['out']}: round {written['round']}, {written['tensors']} masks, {written['bytes']} bytes")
@@ -238,7 +240,7 @@ def report(archive: str, out: str | None, force: bool) -> None:
     """One self-contained HTML page with the summary and the figures (opens in any browser)."""
     from pathlib import Path
 
-    from hpcprune.report import write_report
+    from hpcprune.read.report import write_report
 
     written = write_report(archive, out or Path(archive).with_suffix(".html"), force=force)
     click.echo("\n".join([f"wrote {written['out']}",
@@ -254,7 +256,7 @@ def report(archive: str, out: str | None, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 def export(archive: str, round_index: int | None, fmt: str, out: str, int8_base: str, force: bool) -> None:
     """Write one round as a deployable model and record its size, FLOPs and accuracy in the archive."""
-    from hpcprune.export import export as export_round
+    from hpcprune.deploy.export import export as export_round
 
     click.echo(export_round(archive, fmt=fmt, out=out, round_index=round_index, force=force, int8_base=int8_base).render())
 
@@ -282,12 +284,6 @@ def ends_every_rank_on_failure(world: World) -> Iterator[None]:
         click.echo(f"[rank {world.rank}] stopping: another rank is gone ({str(error).splitlines()[0][:200]})", err=True)
         time.sleep(PEER_LOSS_GRACE_SECONDS)
         world.abort(1)
-
-
-def _setup_logging(rank: int, quiet: bool) -> None:
-    # Only rank 0 talks unless something goes wrong; every line says which rank it comes from.
-    level = logging.WARNING if quiet or rank != 0 else logging.INFO
-    logging.basicConfig(level=level, format=f"[rank {rank}] %(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 
 
 def main() -> None:

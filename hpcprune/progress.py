@@ -4,7 +4,7 @@
     hpcprune prune --config configs/quickstart.yaml --set progress=false
 
 tqdm switches itself off when stderr is not a terminal (batch jobs, log files), and `progress: false`
-switches it off everywhere. Fine-tuning has its own per-batch bar (`hpcprune.finetune`).
+switches it off everywhere. Fine-tuning has its own per-batch bar (`hpcprune.train.finetune`).
 """
 
 from __future__ import annotations

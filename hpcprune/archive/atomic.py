@@ -1,0 +1,100 @@
+"""Files that appear whole or not at all, and the one way hpcprune refuses to touch an output.
+
+    hpcprune export run.h5 --format sparse --out model.safetensors   # written beside, then renamed
+
+Every file hpcprune writes for a later reader (model states, training states, exports, plots, the
+report, masks files, fan-out messages, a new archive) is written under a temporary name in the
+target's own folder, flushed to disk (fsync), renamed over the target, and the folder's entry is
+flushed too: after a kill, a full disk or a power cut, a reader finds the old file or the complete
+new one, never a mix, and on a shared filesystem the data is there before the name. The temporary
+is created by `mkstemp` (a unique name, so concurrent writers never share one) and then given the
+mode the umask gives a new file, since mkstemp's 0600 would otherwise stay on the result.
+
+A write that fails for a reason of the filesystem (full, read-only, a quota, a path through a
+file) is refused with one `UsageError` naming the file; the temporary is removed either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from hpcprune.errors import UsageError
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def replace_atomically(target: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary path beside `target` to write to; once the block succeeds it becomes `target`."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX)
+        os.close(handle)
+    except OSError as error:
+        raise write_error(target, error) from None
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o666 & ~current_umask())
+        fsync_file(temporary)
+        os.replace(temporary, target)
+        fsync_folder(target.parent)
+    except OSError as error:
+        raise write_error(target, error) from None
+    finally:
+        discard(temporary)
+
+
+def write_atomically(target: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """`write(file)` into a temporary beside `target`, which then replaces `target` (see above)."""
+    with replace_atomically(target) as temporary, open(temporary, "wb") as file:
+        write(file)
+
+
+def refuse_existing(out: str | os.PathLike, force: bool) -> None:
+    """Without --force an existing output file is never touched."""
+    if Path(out).exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
+
+
+def fsync_file(path: Path) -> None:
+    """The file's data on disk (a read-only descriptor is enough for fsync)."""
+    with open(path, "rb") as written:
+        os.fsync(written.fileno())
+
+
+def fsync_folder(folder: Path) -> None:
+    """The folder's entries on disk: a rename is durable only once its folder is synced."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some filesystems (and Windows) cannot sync a folder; the rename itself stands
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary file if it is there (unlink(missing_ok) still fails on a read-only file system)."""
+    if path.exists():
+        path.unlink()
+
+
+def write_error(path: Path, error: OSError) -> UsageError:
+    """A full disk, a quota, a read-only folder: one line with the file and the system's reason."""
+    found = re.search(r"errno = (\d+)", str(error))
+    code = error.errno or (int(found.group(1)) if found else None)
+    return UsageError(f"cannot write {path}: {os.strerror(code) if code else str(error).splitlines()[0]}")

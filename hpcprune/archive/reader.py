@@ -1,0 +1,221 @@
+"""Reading an archive back: validated open, round facts, masks and tables.
+
+    hpcprune inspect runs/quickstart.h5
+
+The layout is described in `hpcprune.archive.writer`. Every read checks the format first: a file that is
+not an archive, is truncated, or was written by a newer hpcprune is refused with a one-line
+`UsageError`; a mask whose fletcher32 checksum fails is named with its round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import yaml
+
+from hpcprune.archive.codec import unpack_mask
+from hpcprune.errors import UsageError
+
+FORMAT = "hpcprune"
+FORMAT_VERSION = 1
+DENSE_FIGURES = ("accuracy", "loss", "seconds")
+
+
+def round_name(index: int) -> str:
+    return f"{index:04d}"
+
+
+class ArchiveReader:
+    """What a run recorded; small facts are read on open, masks and tables on request."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open_checked(self.path) as file:
+            self.attrs = _plain_attrs(file.attrs)
+            self.config_yaml = file["config"].asstr()[()]
+            if not isinstance(yaml.safe_load(self.config_yaml), dict):  # YAMLError, ValueError: damaged
+                raise ValueError("/config is not a YAML mapping")
+            self.model = _plain_attrs(file["model"].attrs)
+            self.params = [_row(row) for row in file["model/params"][()]]
+            self.dense = self._dense(file)
+            self.checkpoint = self._checkpoint(file)
+            self.events = [_row(row) for row in file["events"][()]] if "events" in file else []
+            self._rounds = [self._round(index, group) for index, group in round_groups(file)]
+
+    def rounds(self, include_incomplete: bool = False) -> list[dict[str, Any]]:
+        """Round attrs (plus "index"), in round order; only complete rounds unless asked."""
+        return [r for r in self._rounds if include_incomplete or r.get("status") == "complete"]
+
+    def read_masks(self, index: int) -> dict[str, torch.Tensor]:
+        """The round's masks as bool tensors (True = keep), in the plan's tensor order."""
+        return {name: unpack_mask(packed, shape) for name, (packed, shape) in self._packed(index).items()}
+
+    def read_packed_masks(self, index: int) -> dict[str, np.ndarray]:
+        """The round's masks as stored: np.packbits of the flat bool mask (numel/8 bytes each)."""
+        return {name: packed for name, (packed, _) in self._packed(index).items()}
+
+    def _packed(self, index: int) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
+        return {name: (packed, shape) for name, packed, shape in self.iter_packed_masks(index)}
+
+    def iter_packed_masks(self, index: int) -> Iterator[tuple[str, np.ndarray, tuple[int, ...]]]:
+        """(name, packed bits, shape) of the round's masks in plan order, one read at a time."""
+        with open_checked(self.path) as file:
+            for dataset in self._group(file, index)["masks"].values():
+                name = dataset.attrs["name"]
+                try:
+                    packed = dataset[()]
+                except OSError as error:  # fletcher32 or gzip found damaged bytes
+                    raise UsageError(f"{self.path}: round {index}, mask {name} is corrupted ({error})") from None
+                yield name, packed, tuple(int(size) for size in dataset.attrs["shape"])
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each parameter's shape, from /model/params (stored as text: "300x784", "" for a scalar)."""
+        return {param["name"]: tuple(int(size) for size in param["shape"].split("x") if size) for param in self.params}
+
+    def layers(self, index: int) -> list[dict[str, Any]]:
+        with open_checked(self.path) as file:
+            return [_row(row) for row in self._group(file, index)["metrics"][()]]
+
+    def history(self, index: int) -> list[dict[str, Any]]:
+        with open_checked(self.path) as file:
+            return [_row(row) for row in self._group(file, index)["history"][()]]
+
+    def _group(self, file: h5py.File, index: int) -> h5py.Group:
+        name = f"rounds/{round_name(index)}"
+        if name not in file:
+            raise UsageError(f"{self.path} has no round {index}")
+        return file[name]
+
+    def _round(self, index: int, group: h5py.Group) -> dict[str, Any]:
+        attrs = {"index": index, **_plain_attrs(group.attrs)}
+        attrs["threshold"] = None if math.isnan(attrs.get("threshold", math.nan)) else attrs["threshold"]
+        attrs["state_file"] = self._resolve(attrs.get("state_file", ""))
+        return attrs
+
+    def _dense(self, file: h5py.File) -> dict[str, Any] | None:
+        if "dense" not in file or file["dense"].attrs.get("status") != "complete":
+            return None
+        dense = _plain_attrs(file["dense"].attrs)
+        for key in DENSE_FIGURES:
+            dense[key] = float(dense[key])  # KeyError, ValueError, TypeError: damaged (CheckedFile)
+        dense["state_file"] = self._resolve(dense.get("state_file", ""))
+        dense["history"] = [_row(row) for row in file["dense/history"][()]]
+        return dense
+
+    def _checkpoint(self, file: h5py.File) -> dict[str, Any] | None:
+        if "checkpoint" not in file:
+            return None
+        checkpoint = _plain_attrs(file["checkpoint"].attrs)
+        checkpoint["state_file"] = self._resolve(checkpoint.get("state_file", ""))
+        return checkpoint
+
+    def _resolve(self, stored: str) -> str | None:
+        return str((self.path.parent / stored).absolute()) if stored else None
+
+
+def complete_round(reader: ArchiveReader, round_index: int | None) -> dict[str, Any]:
+    """The attrs of complete round `round_index` (None: the last one); UsageError if there is none."""
+    rounds = reader.rounds()
+    if not rounds:
+        raise UsageError(f"{reader.path} has no complete round")
+    if round_index is None:
+        return rounds[-1]
+    for attrs in rounds:
+        if attrs["index"] == round_index:
+            return attrs
+    raise UsageError(f"{reader.path} has no complete round {round_index} (complete: "
+                     f"{', '.join(str(r['index']) for r in rounds)})")
+
+
+def open_archive(path: str | Path) -> ArchiveReader:
+    """Read an archive; UsageError if it is not one, is damaged, or was written by a newer hpcprune."""
+    return ArchiveReader(path)
+
+
+def open_checked(path: Path) -> h5py.File:
+    """Open for reading and check that this is an archive this version understands."""
+    if not path.is_file():
+        raise UsageError(f"{path} is not a readable hpcprune archive (no such file)")
+    try:
+        file = CheckedFile(path)
+    except OSError as error:
+        raise UsageError(f"{path} is not a readable hpcprune archive ({error})") from None
+    try:
+        _check_format(path, file)
+    except BaseException as error:
+        file.close()
+        if isinstance(error, DECODING_ERRORS) and not isinstance(error, UsageError):
+            raise damaged(path, error) from None
+        raise
+    return file
+
+
+# What h5py and the decoding of values raise when the bytes of a file are damaged.
+DECODING_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError, yaml.YAMLError)
+
+
+class CheckedFile(h5py.File):
+    """An archive open for reading: whatever fails while decoding it inside `with` is damage to the
+    file (a flipped byte in its metadata, a missing attribute), refused as a UsageError that names it."""
+
+    def __init__(self, path: Path):
+        self.archive = path
+        # best-effort: parallel file systems (Lustre, NFS) often refuse HDF5's file locks.
+        super().__init__(path, "r", locking="best-effort")
+
+    def __exit__(self, kind, error, traceback) -> None:
+        super().__exit__(kind, error, traceback)
+        if isinstance(error, DECODING_ERRORS) and not isinstance(error, UsageError):
+            raise damaged(self.archive, error) from None
+
+
+def damaged(path: Path, error: BaseException) -> UsageError:
+    text = str(error).strip().splitlines()
+    return UsageError(f"{path} is damaged ({type(error).__name__}: {text[0] if text else 'no detail'})")
+
+
+def _check_format(path: Path, file: h5py.File) -> None:
+    if file.attrs.get("format") != FORMAT:
+        raise UsageError(f"{path} is an HDF5 file but not an hpcprune archive (no format='{FORMAT}' attribute)")
+    version = int(file.attrs.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise UsageError(f"{path} was written by a newer hpcprune (format {version}, this reads {FORMAT_VERSION})")
+    if version < 1:
+        raise UsageError(f"{path} was written in an older archive format ({version}) that this hpcprune cannot read "
+                         f"(it reads format {FORMAT_VERSION})")
+    missing = [name for name in ("config", "model/params", "rounds") if name not in file]
+    if missing:
+        raise UsageError(f"{path} is not a readable hpcprune archive (format {version}, missing {', '.join(missing)})")
+
+
+def round_groups(file: h5py.File) -> list[tuple[int, h5py.Group]]:
+    """(index, group) of every round, in numeric order (names sort as text only up to 9999)."""
+    rounds = file.get("rounds", {})
+    return sorted(((int(name), rounds[name]) for name in rounds), key=lambda pair: pair[0])
+
+
+def _plain(value: Any) -> Any:
+    """HDF5/numpy values as plain Python (JSON-able) values."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_plain(item) for item in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _plain_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    return {key: _plain(value) for key, value in attrs.items()}
+
+
+def _row(row: np.void) -> dict[str, Any]:
+    return {column: _plain(row[column]) for column in row.dtype.names}
+
+

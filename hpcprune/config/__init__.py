@@ -1,0 +1,32 @@
+"""Floor 1, config: the run's settings, read from YAML and `--set` overrides, validated and frozen.
+
+What lives here: the sections (`sections`), the cross-section checks of `RunConfig` (`schema`), and
+reading files and overrides (`loading`). It may import only `hpcprune.errors` and
+`hpcprune.registry`: names that code further up implements are validated against the registry,
+so nothing here imports torch. Everything above reads its settings from these classes.
+"""
+
+from hpcprune.config.loading import load_config, load_config_text, validate_tree
+from hpcprune.config.schema import CHECKPOINT_MODEL, RunConfig
+from hpcprune.config.sections import (
+                                      CalibrationConfig,
+                                      DataConfig,
+                                      DistillConfig,
+                                      FanoutConfig,
+                                      FanoutDaskConfig,
+                                      FanoutSlurmConfig,
+                                      LRScheduleConfig,
+                                      ModelConfig,
+                                      OptimizerConfig,
+                                      OutputConfig,
+                                      PruneConfig,
+                                      ScheduleConfig,
+                                      Section,
+                                      TrainConfig,
+)
+
+__all__ = [
+    "CHECKPOINT_MODEL", "CalibrationConfig", "DataConfig", "DistillConfig", "FanoutConfig", "FanoutDaskConfig",
+    "FanoutSlurmConfig", "LRScheduleConfig", "ModelConfig", "OptimizerConfig", "OutputConfig", "PruneConfig",
+    "RunConfig", "ScheduleConfig", "Section", "TrainConfig", "load_config", "load_config_text", "validate_tree",
+]

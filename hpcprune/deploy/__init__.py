@@ -1,0 +1,7 @@
+"""Floor 8, deploy: a round turned into a file to deploy.
+
+What lives here: `hpcprune export` (`export`), the round rebuilt from the archive (`round_model`),
+the formats and reading them back (`formats`), compaction of silent channels (`compact`), sparse
+tensor encodings (`sparse`), int8 quantization (`quantize`) and the figures of an export
+(`measure`). It may import `run` and the floors below; it must not know `read`, its sibling.
+"""

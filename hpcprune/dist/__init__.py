@@ -1,0 +1,8 @@
+"""Floor 3, dist: the ranks of a job and how they talk.
+
+What lives here: the `World` interface (`world`) and its backends (`mpi` over mpi4py,
+`torch_dist` over gloo), launcher detection (`detect`), DistributedDataParallel set-up (`ddp`),
+preemption signals and the safe points where ranks stop together (`signals`), and per-rank log
+lines (`logs`). It may import `archive`, `config` and the bottom floor; everything above is written
+once against `World`.
+"""

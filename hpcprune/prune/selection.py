@@ -1,0 +1,44 @@
+"""What every selection rule returns, and the steps all of them share.
+
+    hpcprune prune --config configs/quickstart.yaml     # a Selection per round
+
+A `Selection` holds this rank's packed masks and the totals over all ranks. `prune_count` rounds a
+sparsity to a count as torch.nn.utils.prune does; `finish_selection` ends every rule with the one
+allreduce that sums the kept counts and tells every rank whether any rank failed. The rules
+(hpcprune.prune.rules, hpcprune.prune.patterns) sit above this module and never import each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hpcprune.dist.world import World
+from hpcprune.prune.plan import Plan
+from hpcprune.prune.streaming import Tensors, raise_if_failed
+
+
+@dataclass
+class Selection:
+    masks: dict[str, np.ndarray]  # this rank's tensors (plan.local(rank)): packed bits of the flat mask, True = keep
+    threshold: float | None  # boundary score T: < T pruned, > T kept, == T by position; None: none pruned / n.a.
+    kept: int  # kept elements over all prunable tensors of all ranks
+    total: int  # plan.total
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # shape of each mask (for unpack_mask)
+    attrs: dict[str, int | float] = field(default_factory=dict)  # more round attributes (channel counts)
+
+
+def prune_count(sparsity: float, total: int) -> int:
+    """Number of elements to prune, rounded as torch.nn.utils.prune does (Python's round)."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return round(sparsity * total)
+
+
+def finish_selection(tensors: Tensors, masks, kept: int, boundary, plan: Plan, world: World, *, problem) -> Selection:
+    """Sum kept counts over ranks with one allreduce that also tells every rank about any failure."""
+    kept_total, failures = world.allreduce_sum(np.array([kept, problem is not None], dtype=np.int64))
+    raise_if_failed(problem, int(failures))
+    return Selection(masks={spec.name: mask for spec, mask in zip(tensors.specs, masks)}, threshold=boundary,
+                     kept=int(kept_total), total=plan.total, shapes={spec.name: spec.shape for spec in tensors.specs})
