@@ -9,12 +9,12 @@ import sys
 
 import torch
 
-from hpcprune.calibrate import CalibrationBatches, calibrate
 from hpcprune.config import load_config
-from hpcprune.data import load_data
-from hpcprune.models import build_model, save_checkpoint
-from hpcprune.plan import make_plan
-from hpcprune.world import detect_world
+from hpcprune.dist.detect import detect_world
+from hpcprune.models.builders import build_model, save_checkpoint
+from hpcprune.models.data import load_data
+from hpcprune.prune.calibrate import CalibrationBatches, calibrate
+from hpcprune.prune.plan import make_plan
 from tests.helpers import CONFIGS
 
 

@@ -24,24 +24,24 @@ from collections import Counter
 
 # name -> (module, attribute, when): the step is killed just "before" or just "after" the call.
 POINTS = {
-    "create": ("hpcprune.archive", "_write_header", "after"),  # new archive written, not yet renamed into place
-    "event": ("hpcprune.archive:Archive", "record_event", "before"),
-    "save_state": ("hpcprune.models", "save_file", "after"),  # state file written to its temporary name
-    "score": ("hpcprune.scoring", "score_tensor", "before"),
+    "create": ("hpcprune.archive.writer", "_write_header", "after"),  # new archive written, not yet renamed into place
+    "event": ("hpcprune.archive.writer:Archive", "record_event", "before"),
+    "save_state": ("hpcprune.models.builders", "save_file", "after"),  # state file written to its temporary name
+    "score": ("hpcprune.prune.scoring", "score_tensor", "before"),
     "allreduce": ("world", "allreduce_sum", "before"),  # histograms of selection, metric sums
     "gather": ("world", "gather_bytes", "before"),
     "broadcast": ("world", "broadcast_bytes", "before"),
-    "batch": ("hpcprune.finetune", "one_epoch", "batch"),  # one training batch (dense or fine-tuning)
-    "write_mask": ("hpcprune.archive", "_write_mask", "after"),  # a round half written
-    "commit": ("hpcprune.archive", "_commit", "before"),  # data written, round not yet marked complete
-    "mark_checkpoint": ("hpcprune.archive:Archive", "mark_checkpoint", "before"),  # round complete, checkpoint not moved
+    "batch": ("hpcprune.train.finetune", "one_epoch", "batch"),  # one training batch (dense or fine-tuning)
+    "write_mask": ("hpcprune.archive.writer", "_write_mask", "after"),  # a round half written
+    "commit": ("hpcprune.archive.writer", "_commit", "before"),  # data written, round not yet marked complete
+    "mark_checkpoint": ("hpcprune.archive.writer:Archive", "mark_checkpoint", "before"),  # round complete, checkpoint not moved
 }
 
 counts: Counter[str] = Counter()
 
 
 def rank() -> int:
-    from hpcprune.world import launcher_rank
+    from hpcprune.dist.detect import launcher_rank
 
     return launcher_rank()
 
@@ -114,9 +114,9 @@ def install() -> None:
         owner = getattr(owner, class_name) if class_name else owner
         original = getattr(owner, attribute)
         setattr(owner, attribute, _wrap_epoch(original) if when == "batch" else _wrap(point, original, when))
-    import hpcprune.world
+    import hpcprune.dist.detect
 
-    hpcprune.world.detect_world = _wrap_world(hpcprune.world.detect_world)
+    hpcprune.dist.detect.detect_world = _wrap_world(hpcprune.dist.detect.detect_world)
 
 
 def _write_counts() -> None:

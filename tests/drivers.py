@@ -11,11 +11,12 @@ import os
 import sys
 from pathlib import Path
 
+from hpcprune import registry
 from hpcprune.config import load_config
-from hpcprune.models import save_checkpoint
-from hpcprune.pipeline import run
-from hpcprune.scoring import CRITERIA
-from hpcprune.world import detect_world
+from hpcprune.dist.detect import detect_world
+from hpcprune.models.builders import save_checkpoint
+from hpcprune.prune.scoring import CRITERIA
+from hpcprune.run.pipeline import run
 
 REFERENCE = Path(__file__).resolve().parent.parent / "configs" / "oneshot_global.yaml"
 
@@ -50,6 +51,7 @@ def cli(*args: str) -> None:
     from hpcprune.cli import main
 
     CRITERIA["explode"] = explode_on_failing_rank
+    registry.CRITERIA["weight"] = (*registry.CRITERIA["weight"], "explode")
     sys.argv = ["hpcprune", *args]
     main()
 

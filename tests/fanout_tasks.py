@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from hpcprune.fanout import run_shard
+from hpcprune.run.fanout import run_shard
 
 
 def _count_call(folder: str, rank: int) -> tuple[Path, int]:

@@ -11,21 +11,21 @@ import signal
 import sys
 from pathlib import Path
 
-from hpcprune import preempt
-from hpcprune.world import detect_world
+from hpcprune.dist import signals
+from hpcprune.dist.detect import detect_world
 
 
 def main(out_dir: str) -> None:
     world = detect_world()
-    preempt.listen()
-    facts = {"before": preempt.agreed_to_stop(world), "saved_on": []}
+    signals.listen()
+    facts = {"before": signals.agreed_to_stop(world), "saved_on": []}
     if world.rank == 1:
         os.kill(os.getpid(), signal.SIGUSR1)  # the handler has run when os.kill returns
-    facts["after"] = preempt.agreed_to_stop(world)
+    facts["after"] = signals.agreed_to_stop(world)
     try:
-        preempt.stop_here(world, Path(out_dir) / "run.h5", "at the test's safe point",
+        signals.stop_here(world, Path(out_dir) / "run.h5", "at the test's safe point",
                           save=lambda: facts["saved_on"].append(world.rank))
-    except preempt.Preempted as stop:
+    except signals.Preempted as stop:
         facts["stopped"] = str(stop)
     Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps(facts))
     world.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tests.helpers import archive_masks, complete_rounds
+from tests.helpers import assert_same_masks, complete_rounds
 
 # configs/smoke.yaml made interruptible: synthetic data, no dense training, two rounds of six
 # fine-tuning epochs (a fraction of a second each on an idle machine, so a signal sent after the
@@ -39,8 +39,4 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
             assert np.array_equal(ours[f"{group}/history"][()], theirs[f"{group}/history"][()]), f"round {index} history"
             for key in ("accuracy", "loss", "kept", "threshold"):
                 assert np.array_equal(ours[group].attrs[key], theirs[group].attrs[key], equal_nan=True), f"{group} {key}"
-    for index in (1, 2):
-        ours, theirs = archive_masks(resumed, index), archive_masks(uninterrupted, index)
-        assert list(ours) == list(theirs)
-        for name in ours:
-            assert np.array_equal(ours[name], theirs[name]), f"round {index}: mask {name} differs"
+    assert_same_masks(resumed, uninterrupted, rounds=(1, 2))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpcprune.archive import Archive, escape_name, state_path
-from hpcprune.archive_reader import FORMAT_VERSION, open_archive
+from hpcprune.archive.codec import pack_mask
+from hpcprune.archive.reader import FORMAT_VERSION, open_archive
+from hpcprune.archive.writer import Archive, escape_name, state_path
 from hpcprune.config import RunConfig
 from hpcprune.errors import UsageError
-from hpcprune.masks import pack_mask
 
 SHAPES = {"fc1.weight": (301, 7), "conv.0.weight": (5, 3, 3, 3), "block/odd.weight": (13,), "empty.weight": (0, 4),
           "fc1.bias": (301,)}
@@ -144,7 +144,7 @@ def test_failed_forced_create_keeps_the_old_archive(run, monkeypatch):
     def fail(*args):
         raise RuntimeError("interrupted while writing")
 
-    monkeypatch.setattr("hpcprune.archive._write_header", fail)
+    monkeypatch.setattr("hpcprune.archive.writer._write_header", fail)
     with pytest.raises(RuntimeError):
         create(path, force=True)
     assert path.read_bytes() == before

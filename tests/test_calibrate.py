@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from hpcprune.calibrate import CalibrationBatches
 from hpcprune.config import CalibrationConfig
-from hpcprune.models import load_state_file
-from tests.test_distributed import launch, mpirun  # noqa: F401  (mpirun is a fixture)
+from hpcprune.models.builders import load_state_file
+from hpcprune.prune.calibrate import CalibrationBatches
+from tests.helpers import launch
 
 
 class FakeWorld:
@@ -47,7 +47,7 @@ def saved_statistics(out, ranks: int) -> dict[str, torch.Tensor]:
     return merged
 
 
-def test_statistics_are_bit_identical_under_mpirun_1_and_2(mpirun, tmp_path):  # noqa: F811
+def test_statistics_are_bit_identical_under_mpirun_1_and_2(mpirun, mpi4py, tmp_path):
     results = {}
     for ranks in (1, 2):
         out = tmp_path / f"n{ranks}"

@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from hpcprune.calibrate import CalibrationBatches, calibrate
+from hpcprune.archive.codec import unpack_mask
 from hpcprune.config import CalibrationConfig, PruneConfig, validate_tree
+from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
-from hpcprune.masks import unpack_mask
-from hpcprune.plan import Plan, TensorSpec, assign_owners, make_plan
-from hpcprune.protect import protect_layers
-from hpcprune.scoring import ScoreContext, score_tensor
-from hpcprune.select import prune_count, select
-from hpcprune.world import SingleWorld
+from hpcprune.prune.calibrate import CalibrationBatches, calibrate
+from hpcprune.prune.plan import Plan, TensorSpec, assign_owners, make_plan
+from hpcprune.prune.protect import protect_layers
+from hpcprune.prune.rules import select
+from hpcprune.prune.scoring import ScoreContext, score_tensor
+from hpcprune.prune.selection import prune_count
 
 
 class SmallNet(nn.Module):
@@ -128,7 +129,7 @@ def test_lamp_ranks_within_a_tensor_as_magnitude_does():
 
 
 def test_calibrated_criteria_refuse_masks_only_runs(tmp_path):
-    from hpcprune.prune_step import calibration_statistics
+    from hpcprune.prune.step import calibration_statistics
 
     class Job:
         config = validate_tree({"prune": {"criterion": "taylor"}, "model": {"name": "checkpoint", "checkpoint": "x"},

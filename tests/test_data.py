@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from hpcprune.config import DataConfig, ModelConfig
-from hpcprune.data import FILES, load_data, make_loader, set_epoch
+from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
-from hpcprune.models import build_model
-from hpcprune.world import SingleWorld
-
+from hpcprune.models.builders import build_model
+from hpcprune.models.data import FILES, load_data, make_loader, set_epoch
 
 
 class RankOf(SingleWorld):

@@ -3,9 +3,6 @@ rule, DDP replicas identical with pruned weights at exactly zero, and failures t
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,17 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import missing
-from tests.helpers import CONFIGS, ROOT, archive_masks
-
-MPI_ENV = {
-    # Open MPI refuses root and more ranks than cores unless told; CI runs as root on 2 cores.
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-    "PYTHONPATH": str(ROOT),
-    "OMP_NUM_THREADS": "1",
-}
+from tests.helpers import (
+    CONFIGS,
+    archive_masks,
+    assert_same_masks,
+    driver,
+    launch,
+    torchrun,
+)
 
 CRITERIA_THRESHOLDS = {"magnitude": 0.02, "relative": 0.002, "random": 0.5}
 CASES = [
@@ -54,28 +48,6 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def mpirun() -> str:
-    launcher = shutil.which("mpirun")
-    if launcher is None:
-        missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        missing("mpi4py", "pip install mpi4py")
-    return launcher
-
-
-def launch(command: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                              env={**os.environ, **MPI_ENV, **(env or {})})
-    return finished
-
-
-def driver(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tests.drivers", *args]
-
-
-@pytest.fixture(scope="module")
 def single_process_masks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("size1")
     finished = launch(driver("masks", str(out), *CASES))
@@ -83,29 +55,26 @@ def single_process_masks(tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_masks(mine: Path, reference: Path) -> None:
+def assert_same_masks_of_every_case(mine: Path, reference: Path) -> None:
+    """Every case's archive in folder `mine` holds round 1's masks of the one in `reference`, bit for bit."""
     for case in CASES:
         name = case.partition(":")[0]
-        ours, theirs = archive_masks(mine / f"{name}.h5", 1), archive_masks(reference / f"{name}.h5", 1)
-        assert list(ours) == list(theirs), name
-        for tensor in ours:
-            assert np.array_equal(ours[tensor], theirs[tensor]), f"{name}: {tensor} differs"
+        assert_same_masks(mine / f"{name}.h5", reference / f"{name}.h5", rounds=(1,))
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-def test_masks_are_bit_identical_under_mpirun(mpirun, single_process_masks, tmp_path, ranks):
+def test_masks_are_bit_identical_under_mpirun(mpirun, mpi4py, single_process_masks, tmp_path, ranks):
     finished = launch([mpirun, "-n", str(ranks), *driver("masks", str(tmp_path), *CASES)])
     assert finished.returncode == 0, finished.stderr
-    assert_same_masks(tmp_path, single_process_masks)
+    assert_same_masks_of_every_case(tmp_path, single_process_masks)
     with h5py.File(tmp_path / "tied-global.h5", "r") as archive:
         assert archive.attrs["world_size"] == ranks and archive.attrs["backend"] == "mpi"
 
 
 def test_masks_are_bit_identical_under_torchrun(single_process_masks, tmp_path):
-    finished = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                       *driver("masks", str(tmp_path), *CASES)[1:]])
+    finished = launch(torchrun(2, *driver("masks", str(tmp_path), *CASES)[1:]))
     assert finished.returncode == 0, finished.stderr
-    assert_same_masks(tmp_path, single_process_masks)
+    assert_same_masks_of_every_case(tmp_path, single_process_masks)
     with h5py.File(tmp_path / "tied-global.h5", "r") as archive:
         assert archive.attrs["backend"] == "torch"
 
@@ -119,12 +88,12 @@ def test_tied_case_really_has_ties_at_the_threshold(single_process_masks):
         assert float(attrs["threshold"]) in (0.0, 0.25, 0.5, 0.75)
 
 
-def test_ddp_replicas_agree_and_pruned_weights_stay_zero(mpirun, tmp_path):
+def test_ddp_replicas_agree_and_pruned_weights_stay_zero(mpirun, mpi4py, tmp_path):
     from hpcprune.config import load_config
-    from hpcprune.data import load_data
-    from hpcprune.finetune import evaluate
-    from hpcprune.models import build_model, load_state_file
-    from hpcprune.world import SingleWorld
+    from hpcprune.dist.world import SingleWorld
+    from hpcprune.models.builders import build_model, load_state_file
+    from hpcprune.models.data import load_data
+    from hpcprune.train.finetune import evaluate
 
     finished = launch([mpirun, "-n", "2", *driver("train", str(tmp_path), str(CONFIGS / "smoke.yaml"),
                                                    "data.synthetic_size=1536", "finetune.epochs=2")])
@@ -156,7 +125,7 @@ def test_ddp_replicas_agree_and_pruned_weights_stay_zero(mpirun, tmp_path):
     ("scoring", ["prune.criterion=explode"], "injected failure during scoring"),
     ("fine-tuning", ["model.name=tests.fixture_models:FailsInTraining", "pretrain.epochs=0"], "injected failure during fine-tuning"),
 ])
-def test_a_failing_rank_ends_every_rank(mpirun, tmp_path, stage, overrides, message):
+def test_a_failing_rank_ends_every_rank(mpirun, mpi4py, tmp_path, stage, overrides, message):
     command = [mpirun, "-n", "3", *driver("cli", "prune", "--config", str(CONFIGS / "smoke.yaml"),
                                            "--out", str(tmp_path / "run.h5"), *[f"--set={o}" for o in overrides])]
     started = time.monotonic()
@@ -168,7 +137,7 @@ def test_a_failing_rank_ends_every_rank(mpirun, tmp_path, stage, overrides, mess
     assert "[rank 1]" in output
 
 
-def test_mpirun_cli_end_to_end_with_ddp(mpirun, tmp_path):
+def test_mpirun_cli_end_to_end_with_ddp(mpirun, mpi4py, tmp_path):
     """The documented recipe: `mpirun -n 2 hpcprune prune ...` with dense training and fine-tuning."""
     out = tmp_path / "run.h5"
     finished = launch([mpirun, "-n", "2", sys.executable, "-m", "hpcprune", "prune",
@@ -180,7 +149,7 @@ def test_mpirun_cli_end_to_end_with_ddp(mpirun, tmp_path):
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_checkpoint_mode_reads_only_own_tensors_and_gives_the_same_masks(mpirun, single_process_masks, tmp_path, ranks):
+def test_checkpoint_mode_reads_only_own_tensors_and_gives_the_same_masks(mpirun, mpi4py, single_process_masks, tmp_path, ranks):
     """Masks-only from a safetensors file (each rank reads its own tensors) equal the module run's."""
     weights = single_process_masks / "magnitude-global.states" / "dense.safetensors"
     out = tmp_path / "masks.h5"

@@ -1,4 +1,4 @@
-"""Selection fanned out in stages (hpcprune.fanout): inline, on a real local SLURM job array, on dask.
+"""Selection fanned out in stages (hpcprune.run.fanout): inline, on a real local SLURM job array, on dask.
 
 Every fanned-out run is compared bit for bit with the same config selected in one process, and the
 SLURM array's with an `mpirun -n 2` run too (tests/test_distributed.py shows one process equal to
@@ -8,9 +8,7 @@ mpirun and torchrun worlds of every size).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -19,21 +17,30 @@ import h5py
 import numpy as np
 import pytest
 
+from hpcprune import registry
 from hpcprune.config import FanoutConfig, load_config
+from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
-from hpcprune.fanout import InlineBackend, ReplayWorld, StageReached, collect, reduce_stage, run_shard, run_stages
-from hpcprune.fanout_files import RoundDescription, RoundFiles
-from hpcprune.models import save_checkpoint
-from hpcprune.pipeline import run
-from hpcprune.plan import make_plan
-from hpcprune.scoring import CRITERIA, LazyScores, ScoreContext
-from hpcprune.select import select
-from hpcprune.weights import CheckpointWeights
-from hpcprune.world import SingleWorld
-from tests.conftest import missing
+from hpcprune.models.builders import save_checkpoint
+from hpcprune.models.weights import CheckpointWeights
+from hpcprune.prune.plan import make_plan
+from hpcprune.prune.rules import select
+from hpcprune.prune.scoring import CRITERIA, LazyScores, ScoreContext
+from hpcprune.run.fanout import (
+    InlineBackend,
+    ReplayWorld,
+    StageReached,
+    collect,
+    reduce_stage,
+    run_shard,
+    run_stages,
+)
+from hpcprune.run.fanout_files import RoundDescription, RoundFiles
+from hpcprune.run.pipeline import run
+from tests.conftest import require_module
 from tests.fanout_tasks import killed_once, raises_once
 from tests.fixture_models import tied_mlp
-from tests.helpers import CONFIGS, ROOT, archive_masks, complete_rounds, run_cli
+from tests.helpers import CONFIGS, ROOT, assert_same_masks, driver, launch, run_cli
 
 REFERENCE = CONFIGS / "oneshot_global.yaml"
 TIED = "model.name=tests.fixture_models:tied_mlp"
@@ -58,21 +65,11 @@ def single_process_run(out: Path, name: str, *extra: str) -> Path:
     return path
 
 
-def assert_same_masks(mine: Path, reference: Path) -> None:
-    assert complete_rounds(mine) == complete_rounds(reference)
-    for round_index in complete_rounds(reference):
-        ours, theirs = archive_masks(mine, round_index), archive_masks(reference, round_index)
-        assert list(ours) == list(theirs)
-        for tensor in theirs:
-            assert np.array_equal(ours[tensor], theirs[tensor]), f"{mine.name} round {round_index}: {tensor} differs"
-
-
 def fanned_out_runs(out: Path, names: list[str], *fanout: str, timeout: float = 600) -> None:
     """The CLI's pipeline in a fresh process (tests.drivers), each case with the `fanout` overrides."""
     cases = [f"{name}:" + ";".join([*CASES[name], *fanout]) for name in names]
-    finished = subprocess.run([sys.executable, "-m", "tests.drivers", "masks", str(out), *cases], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    finished = subprocess.run(driver("masks", str(out), *cases), cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert finished.returncode == 0, finished.stderr[-3000:]
 
 
@@ -156,6 +153,7 @@ def test_inline_fanout_gives_the_single_process_masks_for_every_rule(references,
 
 def test_nan_scores_end_the_round_naming_the_shard_and_the_cause(tmp_path, monkeypatch):
     monkeypatch.setitem(CRITERIA, "nan", lambda spec, weight, context, out=None: weight.detach() * np.float32("nan"))
+    monkeypatch.setitem(registry.CRITERIA, "weight", (*registry.CRITERIA["weight"], "nan"))
     with pytest.raises(ValueError, match=r"shard \d: scores\['.*'\] contain NaN"):
         single_process_run(tmp_path, "global", "prune.criterion=nan", "fanout.backend=inline", "fanout.shards=2")
 
@@ -232,26 +230,16 @@ def test_a_task_that_keeps_failing_ends_the_round_naming_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slurm(local_slurm) -> None:
-    """The project's local SLURM (tests/slurm_fixtures.py), and submitit to submit to it."""
-    try:
-        import submitit  # noqa: F401
-    except ImportError:
-        missing("submitit", "pip install -e '.[slurm]'")
+def slurm(local_slurm, submitit) -> None:
+    """The project's local SLURM (tests/slurm_fixtures.py), and submitit to submit to it (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
-def mpirun_masks(tmp_path_factory) -> Path:
+def mpirun_masks(mpirun, tmp_path_factory) -> Path:
     """The MPI path: the same cases under `mpirun -n 2`, selection in a world of two ranks."""
-    if shutil.which("mpirun") is None:
-        missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
     out = tmp_path_factory.mktemp("mpirun")
     cases = [f"{name}:" + ";".join(CASES[name]) for name in ("global", "tied-layer")]
-    finished = subprocess.run(["mpirun", "-n", "2", sys.executable, "-m", "tests.drivers", "masks", str(out), *cases],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                                   "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                                   "OMPI_MCA_rmaps_base_oversubscribe": "1"})
+    finished = launch([mpirun, "-n", "2", *driver("masks", str(out), *cases)], timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     with h5py.File(out / "global.h5", "r") as stored:
         assert (int(stored.attrs["world_size"]), stored.attrs["backend"]) == (2, "mpi")
@@ -277,7 +265,7 @@ def test_an_array_sbatch_refuses_ends_the_run_with_one_line(slurm, tmp_path):
 
 
 def test_a_killed_array_task_is_run_again_alone(slurm, tmp_path, monkeypatch):
-    from hpcprune.launch.array import SlurmArray
+    from hpcprune.run.slurm_array import SlurmArray
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the array tasks import tests.fanout_tasks
     # Shard 0 waits for the sums long enough for shard 1 to be found dead and started again.
@@ -312,10 +300,7 @@ def test_submit_scores_on_a_job_array_then_its_ranks_fine_tune_together(slurm, r
 
 @pytest.fixture(scope="module")
 def dask_distributed() -> None:
-    try:
-        import distributed  # noqa: F401
-    except ImportError:
-        missing("dask.distributed", "pip install -e '.[dask]'")
+    require_module("distributed", "dask.distributed", "pip install -e '.[dask]'")
 
 
 def test_dask_local_cluster_masks_equal_the_single_process_masks(dask_distributed, references, tmp_path):
@@ -349,10 +334,7 @@ def test_dask_scheduler_address_masks_equal_the_single_process_masks(dask_schedu
 
 
 def test_dask_jobqueue_slurm_workers_give_the_same_masks(dask_distributed, local_slurm, references, tmp_path):
-    try:
-        import dask_jobqueue  # noqa: F401
-    except ImportError:
-        missing("dask-jobqueue", "pip install -e '.[dask]'")
+    require_module("dask_jobqueue", "dask-jobqueue", "pip install -e '.[dask]'")
     fanned_out_runs(tmp_path, ["global"], "fanout.backend=dask", "fanout.dask.cluster=slurm", "fanout.slurm.mem_gb=1",
                     "fanout.dask.workers=2", "fanout.shards=2")
     assert_same_masks(tmp_path / "global.h5", references / "global.h5")

@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from hpcprune.config import LRScheduleConfig, OptimizerConfig, TrainConfig
+from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
-from hpcprune.finetune import (
+from hpcprune.train.finetune import (
     LR_SCHEDULES,
     OPTIMIZERS,
     EpochRecord,
@@ -24,7 +25,6 @@ from hpcprune.finetune import (
     resolve_device,
     train,
 )
-from hpcprune.world import SingleWorld
 
 CPU = torch.device("cpu")
 

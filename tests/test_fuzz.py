@@ -17,11 +17,11 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hpcprune.archive import Archive
-from hpcprune.archive_reader import open_archive
+from hpcprune.archive.codec import pack_mask
+from hpcprune.archive.reader import open_archive
+from hpcprune.archive.writer import Archive
 from hpcprune.config import RunConfig, load_config, load_config_text
 from hpcprune.errors import UsageError
-from hpcprune.masks import pack_mask
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

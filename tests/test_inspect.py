@@ -7,7 +7,6 @@ hpcprune's own reader.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -23,14 +22,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hpcprune.archive import Archive
+from hpcprune.archive.codec import pack_mask
+from hpcprune.archive.writer import Archive
 from hpcprune.config import RunConfig
-from hpcprune.inspect import render_summary, summary
-from hpcprune.masks import pack_mask
+from hpcprune.read.summary import render_summary, summary
 from tests.conftest import missing
 from tests.helpers import ROOT, run_cli
-from tests.inspect_runs import (ONESHOT, SMOKE, copy_run, mask_bits, older_format, prune, round_attrs, run_main,
-                                truncated)
+from tests.inspect_runs import (
+    ONESHOT,
+    SMOKE,
+    copy_run,
+    mask_bits,
+    older_format,
+    prune,
+    round_attrs,
+    run_main,
+    truncated,
+)
 
 
 @pytest.fixture(scope="module")
@@ -203,12 +211,9 @@ def test_diff_of_two_criteria_measures_their_overlap(magnitude, random_run, cli,
     assert re.search(r"prune\.criterion\s+magnitude\s+random", text)
 
 
-def test_diff_finds_a_two_rank_run_identical_to_a_one_rank_run(magnitude, tmp_path, cli, inspect_json):
-    launcher = shutil.which("mpirun")
-    if launcher is None or importlib.util.find_spec("mpi4py") is None:
-        missing("mpirun and mpi4py", "apt-get install openmpi-bin libopenmpi-dev; pip install -e '.[mpi]'")
+def test_diff_finds_a_two_rank_run_identical_to_a_one_rank_run(mpirun, mpi4py, magnitude, tmp_path, cli, inspect_json):
     out = tmp_path / "two.h5"
-    finished = subprocess.run([launcher, "-n", "2", sys.executable, "-m", "hpcprune", "prune", "--config", ONESHOT,
+    finished = subprocess.run([mpirun, "-n", "2", sys.executable, "-m", "hpcprune", "prune", "--config", ONESHOT,
                                "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert finished.returncode == 0, finished.stderr

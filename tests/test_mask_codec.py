@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcprune.mask_codec import encode_mask, fletcher32
+from hpcprune.archive.codec import encode_mask, fletcher32
 
 
 @pytest.mark.parametrize("length", [1, 2, 719, 720, 721, 100_001])

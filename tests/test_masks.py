@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from hpcprune.archive.codec import pack_mask, unpack_mask
 from hpcprune.errors import UsageError
-from hpcprune.masks import MaskEnforcer, apply_masks, kept_count, pack_mask, sparsity_of, unpack_mask
+from hpcprune.prune.masks import MaskEnforcer, apply_masks, kept_count, sparsity_of
 
 OPTIMIZERS = {
     "sgd-momentum-decay": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.05),

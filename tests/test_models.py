@@ -11,7 +11,13 @@ from torch import nn
 
 from hpcprune.config import ModelConfig
 from hpcprune.errors import UsageError
-from hpcprune.models import MODELS, build_model, load_checkpoint, load_state_file, save_checkpoint
+from hpcprune.models.builders import (
+    MODELS,
+    build_model,
+    load_checkpoint,
+    load_state_file,
+    save_checkpoint,
+)
 
 
 def model(name: str, **kwargs) -> nn.Module:

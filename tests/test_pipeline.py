@@ -68,7 +68,7 @@ def test_resume_with_a_different_config_is_refused(smoke_run):
 KILL_AFTER_FIRST_ROUND = textwrap.dedent(
     """
     import os, signal, sys
-    import hpcprune.archive as archive
+    import hpcprune.archive.writer as archive
     original = archive.Archive.mark_checkpoint
     def mark_then_die(self, round_index, *args, **kwargs):
         original(self, round_index, *args, **kwargs)
@@ -87,7 +87,9 @@ def test_killed_run_resumes_to_the_same_masks(smoke_run, tmp_path):
     out = tmp_path / "killed.h5"
     killer = tmp_path / "kill_after_round_one.py"
     killer.write_text(KILL_AFTER_FIRST_ROUND)
-    import subprocess, sys, os
+    import os
+    import subprocess
+    import sys
 
     killed = subprocess.run([sys.executable, str(killer), "prune", "--config", SMOKE, "--out", str(out)],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)

@@ -6,9 +6,9 @@ from torch import nn
 
 from hpcprune.config import PruneConfig, ScheduleConfig
 from hpcprune.errors import UsageError
-from hpcprune.plan import assign_owners, make_plan
-from hpcprune.schedule import round_targets
-from hpcprune.scoring import CRITERIA, ScoreContext, score_tensor
+from hpcprune.prune.plan import assign_owners, make_plan
+from hpcprune.prune.schedule import round_targets
+from hpcprune.prune.scoring import CRITERIA, ScoreContext, score_tensor
 
 
 class Net(nn.Module):
@@ -101,7 +101,9 @@ def test_random_ignores_the_weights():
 
 def test_every_criterion_returns_float32_of_the_weight_shape():
     model = Net()
-    from hpcprune.calibrate import Statistics  # what the data-dependent criteria read
+    from hpcprune.prune.calibrate import (
+        Statistics,  # what the data-dependent criteria read
+    )
 
     statistics = Statistics(samples=1, input_norms={"conv.weight": torch.ones(9)},
                             gradients={"conv.weight": torch.ones(model.conv.weight.shape)}, sensitivity_total=1.0)

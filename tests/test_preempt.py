@@ -5,34 +5,38 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 
 import h5py
 import numpy as np
-import pytest
 
-from hpcprune.preempt import PREEMPTED_EXIT
-from tests.conftest import missing
-from tests.helpers import CONFIGS, ROOT, archive_masks, complete_rounds, run_cli
-from tests.resume_checks import EPOCH_MARKER, EPOCHS, INTERRUPTIBLE, assert_same_run, events
+from hpcprune.dist.signals import PREEMPTED_EXIT
+from tests.helpers import (
+    CONFIGS,
+    ROOT,
+    assert_same_masks,
+    complete_rounds,
+    launch,
+    run_cli,
+)
+from tests.resume_checks import (
+    EPOCH_MARKER,
+    EPOCHS,
+    INTERRUPTIBLE,
+    assert_same_run,
+    events,
+)
 
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 # Outside SLURM whatever the test runner's environment (no requeue is attempted), one thread per
 # process: two runs side by side on two cores must not fight over threads.
 PLAIN_ENV = {**{key: value for key, value in os.environ.items() if not key.startswith("SLURM_")},
              "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def test_a_signal_on_one_rank_stops_every_rank_at_the_same_point(tmp_path):
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
-    finished = subprocess.run([mpirun, "-n", "2", sys.executable, "-m", "tests.preempt_driver", str(tmp_path)],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **MPI_ENV})
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_point(mpirun, tmp_path):
+    finished = launch([mpirun, "-n", "2", sys.executable, "-m", "tests.preempt_driver", str(tmp_path)], timeout=300)
     assert finished.returncode == 0, finished.stderr
     facts = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for rank, seen in enumerate(facts):
@@ -97,9 +101,7 @@ def test_sigterm_between_rounds_stops_before_the_next_round_and_resume_gives_the
     resumed = run_cli(*prune_args(tmp_path / "resumed.h5", *rounds, "--resume"), env=PLAIN_ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert complete_rounds(tmp_path / "resumed.h5") == list(range(1, 9))
-    for index in range(1, 9):
-        ours, theirs = archive_masks(tmp_path / "resumed.h5", index), archive_masks(tmp_path / "uninterrupted.h5", index)
-        assert all(np.array_equal(ours[name], theirs[name]) for name in theirs), f"round {index}"
+    assert_same_masks(tmp_path / "resumed.h5", tmp_path / "uninterrupted.h5", rounds=range(1, 9))
 
 
 def test_a_gradual_round_stopped_mid_fine_tuning_is_redone_whole_to_the_same_masks(tmp_path):
@@ -118,8 +120,7 @@ def test_a_gradual_round_stopped_mid_fine_tuning_is_redone_whole_to_the_same_mas
     resumed = run_cli(*prune_args(tmp_path / "resumed.h5", *gradual, "--resume"), env=PLAIN_ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert "continuing after epoch" not in resumed.stderr
-    ours, theirs = archive_masks(tmp_path / "resumed.h5", 1), archive_masks(tmp_path / "uninterrupted.h5", 1)
-    assert list(ours) == list(theirs) and all(np.array_equal(ours[name], theirs[name]) for name in theirs)
+    assert_same_masks(tmp_path / "resumed.h5", tmp_path / "uninterrupted.h5", rounds=(1,))
     with h5py.File(tmp_path / "resumed.h5", "r") as a, h5py.File(tmp_path / "uninterrupted.h5", "r") as b:
         assert np.array_equal(a["rounds/0001/history"][()], b["rounds/0001/history"][()])
         assert a["rounds/0001"].attrs["accuracy"] == b["rounds/0001"].attrs["accuracy"]

@@ -9,7 +9,6 @@ the masks (bit for bit), metrics, curves and final weights must equal those of a
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -17,17 +16,11 @@ import sys
 from pathlib import Path
 
 import h5py
-import pytest
 from safetensors.numpy import load_file
 
-from hpcprune.archive_reader import open_archive
-from tests.conftest import missing
-from tests.helpers import CONFIGS, ROOT, archive_masks, complete_rounds
+from hpcprune.archive.reader import open_archive
+from tests.helpers import CONFIGS, archive_masks, complete_rounds, launch
 
-ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1",
-    "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-}
 # configs/smoke.yaml made smaller: every stage (dense training, scoring, selection, fine-tuning,
 # archive writes) in 3 rounds, with as few batches as still make a training curve.
 SMALL = ["--config", str(CONFIGS / "smoke.yaml"), "--set", "data.synthetic_size=384", "--set",
@@ -38,13 +31,13 @@ VOLATILE = ("seconds", "seconds_select", "seconds_finetune", "seconds_record", "
 
 def crash_run(out: Path, *args: str, launcher: list[str] = (), kill: str | None = None, rank: int = 0,
               count: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **ENV}
+    env = {}  # what this run adds to tests.helpers.MPI_ENV
     if kill:
         env.update(HPCPRUNE_TEST_KILL=kill, HPCPRUNE_TEST_KILL_RANK=str(rank), HPCPRUNE_TEST_KILLED=str(out) + ".killed")
     if count:
         env["HPCPRUNE_TEST_COUNT"] = str(count)
     command = [*launcher, sys.executable, "-m", "tests.crash_points", "prune", *SMALL, "--out", str(out), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    return launch(command, timeout=300, env=env)
 
 
 def assert_consistent(path: Path) -> None:
@@ -101,14 +94,6 @@ def test_kill_between_a_complete_round_and_its_checkpoint_resumes_exactly(tmp_pa
     assert_consistent(out)
     assert crash_run(out, "--resume").returncode == 0
     assert_same_run(out, reference)
-
-
-@pytest.fixture(scope="module")
-def mpirun() -> str:
-    launcher = shutil.which("mpirun")
-    if launcher is None:
-        missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
-    return launcher
 
 
 def kill_schedule(counts: list[dict[str, int]], seed: int) -> list[tuple[str, int, int]]:

@@ -9,10 +9,15 @@ gives the same masks bit for bit.
 
 from __future__ import annotations
 
-from hpcprune.scoring import CRITERIA
-from hpcprune.select import RULES
-from hpcprune.structured import CHANNEL_CRITERIA, CHANNEL_RULES
-from tests.test_distributed import CASES, assert_same_masks, driver, launch, single_process_masks  # noqa: F401 (fixture)
+from hpcprune.prune.channels import CHANNEL_CRITERIA, CHANNEL_RULES
+from hpcprune.prune.rules import RULES
+from hpcprune.prune.scoring import CRITERIA
+from tests.helpers import driver, launch
+from tests.test_distributed import (  # noqa: F401 (fixture)
+    CASES,
+    assert_same_masks_of_every_case,
+    single_process_masks,
+)
 
 MATRIX = {"weight": (CRITERIA, RULES), "channel": (CHANNEL_CRITERIA, CHANNEL_RULES)}
 
@@ -32,7 +37,7 @@ def test_the_matrix_has_every_criterion_and_rule_of_every_granularity():
         assert set(rules) <= {s["rule"] for s in mine}, f"{granularity}: rules without a case"
 
 
-def test_a_rerun_gives_bit_identical_masks_for_every_case(single_process_masks, tmp_path):
+def test_a_rerun_gives_bit_identical_masks_for_every_case(single_process_masks, tmp_path):  # noqa: F811 (fixture)
     rerun = launch(driver("masks", str(tmp_path), *CASES))
     assert rerun.returncode == 0, rerun.stderr
-    assert_same_masks(tmp_path, single_process_masks)
+    assert_same_masks_of_every_case(tmp_path, single_process_masks)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -22,15 +21,20 @@ import h5py
 import pytest
 import torch
 
-from hpcprune.archive_reader import FORMAT_VERSION
+from hpcprune.archive.reader import FORMAT_VERSION
 from hpcprune.config import ModelConfig
-from hpcprune.models import build_model, save_checkpoint
+from hpcprune.models.builders import build_model, save_checkpoint
 from tests.conftest import missing
-from tests.helpers import CONFIGS, ROOT, archive_masks, run_cli
+from tests.helpers import (
+    CONFIGS,
+    ROOT,
+    archive_masks,
+    assert_same_masks,
+    launch,
+    run_cli,
+)
 
 SMOKE = CONFIGS / "smoke.yaml"
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1",
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +306,7 @@ def test_disk_full_during_an_archive_write_keeps_the_previous_archive(workspace,
     refusal = masks_only(out, workspace / "run.states" / "dense.safetensors", how)
     lines = refusal.stderr.strip().splitlines()
     assert refusal.returncode == 2 and len(lines) == 1, refusal.stderr
-    assert lines[0].startswith(f"hpcprune: error: cannot write ") and "No space left on device" in lines[0]
+    assert lines[0].startswith("hpcprune: error: cannot write ") and "No space left on device" in lines[0]
     assert str(out) in lines[0] or f".{out.name}." in lines[0]
     after = archive_masks(out, 1)
     assert after.keys() == before.keys() and all((after[name] == before[name]).all() for name in after)
@@ -314,32 +318,27 @@ def test_disk_full_during_an_archive_write_keeps_the_previous_archive(workspace,
 # --- resuming on another world size ------------------------------------------------------------
 
 
-def test_resume_of_a_training_run_on_another_world_size_is_refused(workspace):
+def test_resume_of_a_training_run_on_another_world_size_is_refused(mpirun, workspace):
     """Training shards the batches by rank, so weights (and later masks) depend on the world size."""
     with h5py.File(workspace / "run.h5", "r") as file:
         assert file.attrs["world_size"] == 1
-    mpirun = shutil.which("mpirun") or missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
     before = snapshot(workspace)
-    result = subprocess.run([mpirun, "-n", "2", sys.executable, "-m", "hpcprune", *resume(workspace)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=300, env={**os.environ, **MPI_ENV})
+    result = launch([mpirun, "-n", "2", sys.executable, "-m", "hpcprune", *resume(workspace)], timeout=300)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("hpcprune: error:")]
     assert len(errors) == 1 and "cannot resume on 2 rank(s) a run that trains on 1" in errors[0], result.stderr
     assert snapshot(workspace) == before
 
 
-def test_resume_of_a_run_without_training_on_another_world_size_gives_the_same_masks(workspace, tmp_path):
+def test_resume_of_a_run_without_training_on_another_world_size_gives_the_same_masks(mpirun, workspace, tmp_path):
     """Masks do not depend on the world size: a masks-only run killed in round 2 at 1 rank resumes on 2."""
     weights = workspace / "run.states" / "dense.safetensors"
     reference, out = tmp_path / "reference.h5", tmp_path / "resumed.h5"
     assert masks_only(reference, weights).returncode == 0
     assert masks_only(out, weights, kill="mark_checkpoint:1").returncode == -9
-    mpirun = shutil.which("mpirun") or missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
-    resumed = subprocess.run([mpirun, "-n", "2", sys.executable, "-m", "hpcprune", "prune", *masks_only_args(weights), "--out", str(out),
-                              "--resume", "-q"], capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, **MPI_ENV})
+    resumed = launch([mpirun, "-n", "2", sys.executable, "-m", "hpcprune", "prune", *masks_only_args(weights),
+                      "--out", str(out), "--resume", "-q"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    for round_index in (1, 2):
-        ours, theirs = archive_masks(out, round_index), archive_masks(reference, round_index)
-        assert ours.keys() == theirs.keys() and all((ours[name] == theirs[name]).all() for name in ours)
+    assert_same_masks(out, reference, rounds=(1, 2))
     with h5py.File(out, "r") as file:
         assert file.attrs["world_size"] == 2

@@ -8,21 +8,15 @@ the subprocess timeout is that bound, so a hang fails the test instead of blocki
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import missing
-from tests.helpers import CONFIGS, ROOT
+from tests.helpers import CONFIGS, launch, torchrun
 
-ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1",
-    "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HPCPRUNE_TEST_KILL_RANK": "1",
-}
+ENV = {"HPCPRUNE_TEST_KILL_RANK": "1"}  # on top of tests.helpers.MPI_ENV
 HANG_LIMIT = 60
 
 
@@ -30,15 +24,13 @@ def killed_run(launcher: list[str], point: str, out) -> subprocess.CompletedProc
     command = [*launcher, sys.executable, "-m", "tests.crash_points", "prune", "--config", str(CONFIGS / "oneshot_global.yaml"),
                "--out", str(out), "-q"]
     try:
-        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=HANG_LIMIT,
-                              env={**os.environ, **ENV, "HPCPRUNE_TEST_KILL": point})
+        return launch(command, timeout=HANG_LIMIT, env={**ENV, "HPCPRUNE_TEST_KILL": point})
     except subprocess.TimeoutExpired:
         pytest.fail(f"{point}: the run was still running {HANG_LIMIT} s after rank 1 was killed")
 
 
 @pytest.mark.parametrize("point", ["allreduce:2", "gather:1"])
-def test_a_rank_killed_in_a_collective_ends_mpirun(tmp_path, point):
-    mpirun = shutil.which("mpirun") or missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
+def test_a_rank_killed_in_a_collective_ends_mpirun(mpirun, tmp_path, point):
     finished = killed_run([mpirun, "-n", "2"], point, tmp_path / "run.h5")
     assert finished.returncode != 0
     output = finished.stdout + finished.stderr
@@ -47,22 +39,19 @@ def test_a_rank_killed_in_a_collective_ends_mpirun(tmp_path, point):
 
 @pytest.mark.parametrize("point", ["allreduce:2", "gather:1"])
 def test_a_rank_killed_in_a_collective_ends_torchrun(tmp_path, point):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python"]
-    finished = killed_run(torchrun, point, tmp_path / "run.h5")
+    finished = killed_run(torchrun(2, "--no-python"), point, tmp_path / "run.h5")
     assert finished.returncode != 0
     output = finished.stdout + finished.stderr
     assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*-9", output), output
 
 
-def test_a_rank_killed_mid_training_is_named_by_mpirun(tmp_path):
+def test_a_rank_killed_mid_training_is_named_by_mpirun(mpirun, tmp_path):
     """During DDP the survivor learns of the death from gloo first ("connection reset"); it must leave
     the report to the launcher, which knows which rank died and how, instead of aborting in its name."""
-    mpirun = shutil.which("mpirun") or missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
     command = [mpirun, "-n", "2", sys.executable, "-m", "tests.crash_points", "prune", "--config",
                str(CONFIGS / "smoke.yaml"), "--out", str(tmp_path / "run.h5"), "-q", "--set", "progress=false"]
     try:
-        finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=HANG_LIMIT,
-                                  env={**os.environ, **ENV, "HPCPRUNE_TEST_KILL": "batch:5"})
+        finished = launch(command, timeout=HANG_LIMIT, env={**ENV, "HPCPRUNE_TEST_KILL": "batch:5"})
     except subprocess.TimeoutExpired:
         pytest.fail(f"the run was still running {HANG_LIMIT} s after rank 1 was killed mid-training")
     assert finished.returncode != 0

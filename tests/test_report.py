@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -19,7 +19,7 @@ import h5py
 import pytest
 from PIL import Image
 
-from hpcprune.plots import figures
+from hpcprune.read.plots import figures
 from tests.conftest import missing
 from tests.inspect_runs import ONESHOT, SMOKE, mask_bits, prune, round_attrs, run_main
 

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import h5py
 import numpy as np
 import pytest
@@ -14,24 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcprune.archive.codec import unpack_mask
 from hpcprune.config import DistillConfig, ScheduleConfig, load_config, validate_tree
-from hpcprune.data import load_data
-from hpcprune.distill import DistillationLoss
+from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
-from hpcprune.finetune import train
-from hpcprune.gradual import GradualPruner
-from hpcprune.masks import unpack_mask
-from hpcprune.models import build_model, load_state_file
-from hpcprune.pipeline import run
-from hpcprune.plan import make_plan
-from hpcprune.schedule import gradual_end, gradual_sparsity
-from hpcprune.scoring import LazyScores, ScoreContext
-from hpcprune.select import prune_count, select
-from hpcprune.weights import ModelWeights
-from hpcprune.world import SingleWorld
-from tests.conftest import missing
-from tests.helpers import CONFIGS, archive_masks
-from tests.test_distributed import driver, launch
+from hpcprune.models.builders import build_model, load_state_file
+from hpcprune.models.data import load_data
+from hpcprune.models.weights import ModelWeights
+from hpcprune.prune.gradual import GradualPruner
+from hpcprune.prune.plan import make_plan
+from hpcprune.prune.rules import select
+from hpcprune.prune.schedule import gradual_end, gradual_sparsity
+from hpcprune.prune.scoring import LazyScores, ScoreContext
+from hpcprune.prune.selection import prune_count
+from hpcprune.run.pipeline import run
+from hpcprune.train.distill import DistillationLoss
+from hpcprune.train.finetune import train
+from tests.helpers import CONFIGS, archive_masks, driver, launch
 
 GRADUAL = ScheduleConfig(kind="gradual", initial_sparsity=0.1, start_step=3, interval=4, updates=5)
 
@@ -187,14 +184,12 @@ def test_the_fashion_mnist_configs_of_each_criterion_and_schedule_validate():
     assert gradual_end(gradual.schedule) <= steps_per_epoch * gradual.finetune.epochs
 
 
-def test_gradual_under_mpirun_keeps_replicas_identical_and_reaches_the_target(tmp_path):
+def test_gradual_under_mpirun_keeps_replicas_identical_and_reaches_the_target(mpirun, tmp_path):
     """Every rank reaches each mask update at the same step and runs its collectives in step."""
-    if shutil.which("mpirun") is None:
-        missing("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
-    finished = launch(["mpirun", "-n", "2", *driver("train", str(tmp_path), str(CONFIGS / "smoke.yaml"),
-                                                     "schedule.kind=gradual", "schedule.rounds=1", "schedule.interval=2",
-                                                     "schedule.updates=3", "prune.criterion=taylor",
-                                                     "calibration.batch_size=32", "calibration.batches=3")])
+    finished = launch([mpirun, "-n", "2", *driver("train", str(tmp_path), str(CONFIGS / "smoke.yaml"),
+                                                   "schedule.kind=gradual", "schedule.rounds=1", "schedule.interval=2",
+                                                   "schedule.updates=3", "prune.criterion=taylor",
+                                                   "calibration.batch_size=32", "calibration.batches=3")])
     assert finished.returncode == 0, finished.stderr
     replicas = [load_state_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
     assert all(torch.equal(replicas[0][name], replicas[1][name]) for name in replicas[0])

@@ -15,11 +15,12 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from hpcprune import radix, streaming
-from hpcprune.masks import pack_mask, unpack_mask
-from hpcprune.plan import Plan, TensorSpec, assign_owners
-from hpcprune.select import RULES, Selection, prune_count, select
-from hpcprune.world import SingleWorld, World
+from hpcprune.archive.codec import pack_mask, unpack_mask
+from hpcprune.dist.world import SingleWorld, World
+from hpcprune.prune import radix, streaming
+from hpcprune.prune.plan import Plan, TensorSpec, assign_owners
+from hpcprune.prune.rules import RULES, select
+from hpcprune.prune.selection import Selection, prune_count
 
 SHAPES = ((40, 30), (8, 3, 3, 3), (10, 40), (7,))
 # nm needs input counts that are multiples of m, which SHAPES lack: tests/test_criteria.py checks it on its own shapes
@@ -72,7 +73,8 @@ def unpacked(chosen: Selection) -> dict[str, torch.Tensor]:
     return masks
 
 
-def assert_same_masks(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def assert_same_bool_masks(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """In-memory bool masks, equal name for name (tests.helpers.assert_same_masks compares archives)."""
     assert got.keys() == expected.keys()
     for name, mask in expected.items():
         assert got[name].dtype == torch.bool and got[name].shape == mask.shape, name
@@ -209,7 +211,7 @@ def test_global_prunes_exactly_k_smallest(sparsity):
     k = prune_count(sparsity, plan.total)
     assert chosen.total == plan.total
     assert chosen.kept == plan.total - k == sum(int(mask.sum()) for mask in masks.values())
-    assert_same_masks(masks, reference_masks(plan, scores, k))
+    assert_same_bool_masks(masks, reference_masks(plan, scores, k))
     if k == 0:
         assert chosen.threshold is None
     else:
@@ -261,7 +263,7 @@ def test_global_ties_broken_by_tensor_then_flat_index(sparsity):
     plan = make_plan()
     scores = random_scores(plan, seed=3, values=[0.5, 1.0, 2.0])
     chosen = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
-    assert_same_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(sparsity, plan.total)))
+    assert_same_bool_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(sparsity, plan.total)))
 
 
 def test_global_orders_negative_scores_and_signed_zeros():
@@ -270,7 +272,7 @@ def test_global_orders_negative_scores_and_signed_zeros():
     scores = random_scores(plan, seed=5, values=values)
     for sparsity in (0.05, 0.2, 0.35, 0.4, 0.5, 0.6, 0.95, 1.0):
         chosen = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
-        assert_same_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(sparsity, plan.total)))
+        assert_same_bool_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(sparsity, plan.total)))
 
 
 def test_global_signed_zero_threshold_is_positive_zero_and_ties_by_position():
@@ -295,7 +297,7 @@ def test_global_negative_infinity_is_always_pruned(sparsity):
     for spec in plan.tensors:
         assert not masks[spec.name][scores[spec.name] == float("-inf")].any()
     assert chosen.kept == plan.total - max(gone, prune_count(sparsity, plan.total))
-    assert_same_masks(masks, reference_masks(plan, scores, prune_count(sparsity, plan.total)))
+    assert_same_bool_masks(masks, reference_masks(plan, scores, prune_count(sparsity, plan.total)))
     if sparsity == 0.0:
         assert chosen.threshold == float("-inf")
 
@@ -327,7 +329,7 @@ def test_global_masks_do_not_depend_on_world_size_or_owners(size, values):
 
     merged, selections = select_on_ranks("global", SHAPES, scores, size, sparsity=0.6)
 
-    assert_same_masks(merged, unpacked(alone))
+    assert_same_bool_masks(merged, unpacked(alone))
     for rank, chosen in enumerate(selections):
         assert set(chosen.masks) == set(chosen.shapes) == {spec.name for spec in make_plan(SHAPES, size).local(rank)}
         assert (chosen.kept, chosen.threshold, chosen.total) == (alone.kept, alone.threshold, alone.total)
@@ -339,7 +341,7 @@ def test_other_rules_do_not_depend_on_world_size(rule):
     scores = random_scores(plan, seed=11, values=[0.1, 0.2, 0.3, 0.4])
     alone = select(rule, scores, plan, SingleWorld(), sparsity=0.5, threshold=0.2)
     merged, selections = select_on_ranks(rule, SHAPES, scores, 3, sparsity=0.5, threshold=0.2)
-    assert_same_masks(merged, unpacked(alone))
+    assert_same_bool_masks(merged, unpacked(alone))
     assert all(chosen.kept == alone.kept for chosen in selections)
 
 
@@ -379,7 +381,7 @@ def test_lazy_scores_are_read_once_per_pass_one_tensor_at_a_time(monkeypatch, tw
     assert lazy.most_alive == 1 and lazy.alive() == 0
     assert torch.get_num_threads() == 2  # single-threaded torch only while selecting
     eager = select(rule, fixed, plan, SingleWorld(), sparsity=0.6, threshold=1.0)
-    assert_same_masks(unpacked(chosen), unpacked(eager))
+    assert_same_bool_masks(unpacked(chosen), unpacked(eager))
     assert (chosen.kept, chosen.threshold) == (eager.kept, eager.threshold)
 
 
@@ -395,7 +397,7 @@ def test_global_reads_again_only_past_the_retain_limit(monkeypatch, two_threads,
     chosen = select("global", lazy, plan, SingleWorld(), sparsity=0.45)
     assert max(lazy.reads.values()) == most_reads
     assert lazy.most_alive == 1 and lazy.alive() == 0
-    assert_same_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
+    assert_same_bool_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
 
 
 def test_lazy_scores_on_many_ranks_agree_with_one_process(monkeypatch):
@@ -410,7 +412,7 @@ def test_lazy_scores_on_many_ranks_agree_with_one_process(monkeypatch):
 
     results = run_ranks(3, job)
     merged = {name: mask for chosen, _ in results for name, mask in unpacked(chosen).items()}
-    assert_same_masks(merged, unpacked(alone))
+    assert_same_bool_masks(merged, unpacked(alone))
     for chosen, lazy in results:
         assert max(lazy.reads.values(), default=0) <= 2 and lazy.most_alive <= 1 and lazy.alive() == 0
         assert (chosen.kept, chosen.threshold) == (alone.kept, alone.threshold)
@@ -430,7 +432,7 @@ def test_masks_are_packed_bits_of_the_flat_mask(rule):
         assert not bits[spec.numel :].any()  # padding bits are 0, as np.packbits leaves them
         assert torch.equal(unpack_mask(packed, spec.shape), unpacked(chosen)[spec.name])
     if rule == "threshold":
-        assert_same_masks(unpacked(chosen), {name: score > 0.0 for name, score in scores.items()})
+        assert_same_bool_masks(unpacked(chosen), {name: score > 0.0 for name, score in scores.items()})
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 1.0])
@@ -475,7 +477,7 @@ def test_global_is_exact_for_any_chunk_size(monkeypatch, chunk, retain_limit):
         scores = random_scores(plan, seed=13, values=values)
         for sparsity in (0.3, 0.71):
             chosen = select("global", scores, plan, SingleWorld(), sparsity=sparsity)
-            assert_same_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(sparsity, plan.total)))
+            assert_same_bool_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(sparsity, plan.total)))
 
 
 def test_chunked_ranks_agree_with_single_process(monkeypatch):
@@ -484,7 +486,7 @@ def test_chunked_ranks_agree_with_single_process(monkeypatch):
     scores = random_scores(plan, seed=17, values=[1.0, 2.0])
     alone = select("global", scores, plan, SingleWorld(), sparsity=0.4)
     merged, _ = select_on_ranks("global", SHAPES, scores, 3, sparsity=0.4)
-    assert_same_masks(merged, unpacked(alone))
+    assert_same_bool_masks(merged, unpacked(alone))
 
 
 # --- layer rule --------------------------------------------------------------------------------------
@@ -559,4 +561,4 @@ def test_non_contiguous_scores_keep_their_shape():
     scores = {"layer0.weight": torch.randn(40, 30).t()}
     chosen = select("global", scores, plan, SingleWorld(), sparsity=0.5)
     assert unpacked(chosen)["layer0.weight"].shape == (30, 40)
-    assert_same_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(0.5, plan.total)))
+    assert_same_bool_masks(unpacked(chosen), reference_masks(plan, scores, prune_count(0.5, plan.total)))

@@ -10,13 +10,16 @@ import subprocess
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
-from tests.conftest import missing
-from tests.helpers import CONFIGS, archive_masks, run_cli
+from tests.helpers import CONFIGS, assert_same_masks, run_cli
 from tests.resume_checks import EPOCH_MARKER, INTERRUPTIBLE, assert_same_run, events
-from tests.slurm_fixtures import release_requeued, sbatch, wait_for_text, wait_until_finished
+from tests.slurm_fixtures import (
+    release_requeued,
+    sbatch,
+    wait_for_text,
+    wait_until_finished,
+)
 
 pytestmark = pytest.mark.usefixtures("local_slurm")
 
@@ -32,13 +35,6 @@ def single_process(tmp_path_factory) -> Path:
     return path
 
 
-def assert_same_masks(path: Path, reference: Path) -> None:
-    ours, theirs = archive_masks(path, 1), archive_masks(reference, 1)
-    assert list(ours) == list(theirs)
-    for name in ours:
-        assert np.array_equal(ours[name], theirs[name]), f"mask {name} differs"
-
-
 def world_size(path: Path) -> int:
     with h5py.File(path, "r") as archive:
         return int(archive.attrs["world_size"])
@@ -51,7 +47,7 @@ def test_sbatch_prune_sh_with_two_ranks_gives_the_single_process_masks(single_pr
     log = (tmp_path / f"hpcprune-{job}.out").read_text()
     assert done.returncode == 0, log
     assert world_size(archive) == 2, "two ranks started by srun"
-    assert_same_masks(archive, single_process)
+    assert_same_masks(archive, single_process, rounds=(1,))
 
 
 # --- preemption: requeued mid-fine-tuning, resumed, same result ---------------------------------------
@@ -109,11 +105,7 @@ def test_a_requeued_job_resumes_mid_fine_tuning_and_ends_like_an_uninterrupted_o
 # --- hpcprune submit (submitit) ---------------------------------------------------------------------
 
 
-def test_hpcprune_submit_wait_completes_a_run_on_slurm(single_process, tmp_path):
-    try:
-        import submitit  # noqa: F401
-    except ImportError:
-        missing("submitit", "pip install -e '.[slurm]'")
+def test_hpcprune_submit_wait_completes_a_run_on_slurm(single_process, submitit, tmp_path):
     archive = tmp_path / "submitted.h5"
     done = run_cli("submit", "--config", str(ONESHOT), "--out", str(archive), "--tasks-per-node", "2",
                    "--cluster", "slurm", "--time", "10", "--wait")
@@ -124,7 +116,7 @@ def test_hpcprune_submit_wait_completes_a_run_on_slurm(single_process, tmp_path)
     assert (tmp_path / "submitted.logs" / job / f"{job}_0_log.out").exists(), "logs where the command said"
     assert world_size(archive) == 2, "each submitit task is a rank"
     assert [kind for kind, _ in events(archive)] == ["start", "finish"]
-    assert_same_masks(archive, single_process)
+    assert_same_masks(archive, single_process, rounds=(1,))
 
 
 def test_hpcprune_submit_to_an_unknown_partition_is_refused_in_one_line(tmp_path):

@@ -15,16 +15,28 @@ import pytest
 import torch
 from torch import nn
 
+from hpcprune.archive.codec import unpack_mask
 from hpcprune.config import PruneConfig, ScheduleConfig, load_config
+from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
-from hpcprune.masks import MaskEnforcer, apply_masks, unpack_mask
-from hpcprune.models import LeNet5, LeNet300, ResNet8, load_checkpoint
-from hpcprune.plan import make_plan
-from hpcprune.select import prune_count
-from hpcprune.structure import ChannelGroup, channel_groups, kept_channels, trace_channels
-from hpcprune.structured import (CHANNEL_RULES, CHANNEL_SCHEDULES, ChannelPruning, prune_global, prune_layer,
-                                 prune_threshold)
-from hpcprune.world import SingleWorld
+from hpcprune.models.builders import LeNet5, LeNet300, ResNet8, load_checkpoint
+from hpcprune.prune.channel_graph import (
+    ChannelGroup,
+    channel_groups,
+    kept_channels,
+    trace_channels,
+)
+from hpcprune.prune.channels import (
+    CHANNEL_RULES,
+    ChannelPruning,
+    prune_global,
+    prune_layer,
+    prune_threshold,
+)
+from hpcprune.prune.masks import MaskEnforcer, apply_masks
+from hpcprune.prune.plan import make_plan
+from hpcprune.prune.selection import prune_count
+from hpcprune.registry import CHANNEL_SCHEDULES
 from tests.helpers import CONFIGS, archive_masks, run_cli
 
 
@@ -341,9 +353,9 @@ def test_pruned_channels_stay_zero_through_sgd_momentum_and_the_model_equals_its
 
 
 def test_compaction_groups_name_the_modules_the_exporter_shrinks():
-    from hpcprune.structure import compaction_groups
+    from hpcprune.deploy.compact import compaction_groups
 
-    groups = compaction_groups(ResNet8(), (1, 28, 28))
+    groups = compaction_groups(ResNet8())
     assert groups[3].producers == ("layer2.0.conv2", "layer2.0.downsample.0")
     assert groups[3].norms == ("layer2.0.bn2", "layer2.0.downsample.1")
     assert groups[3].consumers == (("layer3.0.conv1", 1), ("layer3.0.downsample.0", 1))

@@ -3,21 +3,14 @@ and what the user got wrong is refused before anything is submitted."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from tests.conftest import missing
-from tests.helpers import CONFIGS, archive_masks, run_cli
+from tests.helpers import CONFIGS, assert_same_masks, run_cli
 
 ONESHOT = str(CONFIGS / "oneshot_global.yaml")
 
 
-@pytest.fixture(autouse=True)
-def require_submitit() -> None:
-    try:
-        import submitit  # noqa: F401
-    except ImportError:
-        missing("submitit", "pip install -e '.[slurm]'")
+pytestmark = pytest.mark.usefixtures("submitit")  # tests/conftest.py: skips (in CI fails) without submitit
 
 
 def test_local_cluster_with_two_tasks_gives_the_single_process_masks(tmp_path):
@@ -27,8 +20,7 @@ def test_local_cluster_with_two_tasks_gives_the_single_process_masks(tmp_path):
                    "--tasks-per-node", "2", "--wait", env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"archive {tmp_path / 'local.h5'}" in done.stdout and "80.0000 % achieved" in done.stdout
-    ours, theirs = archive_masks(tmp_path / "local.h5", 1), archive_masks(tmp_path / "single.h5", 1)
-    assert list(ours) == list(theirs) and all(np.array_equal(ours[name], theirs[name]) for name in theirs)
+    assert_same_masks(tmp_path / "local.h5", tmp_path / "single.h5", rounds=(1,))
 
 
 @pytest.mark.parametrize("flags, message", [

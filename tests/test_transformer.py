@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from hpcprune.config import load_config
+from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
-from hpcprune.models import load_state_file
-from hpcprune.pipeline import run
-from hpcprune.select import prune_count
-from hpcprune.world import SingleWorld
+from hpcprune.models.builders import load_state_file
+from hpcprune.prune.selection import prune_count
+from hpcprune.run.pipeline import run
 from tests.conftest import missing
 from tests.helpers import CONFIGS, archive_masks
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hpcprune.errors import UsageError
-from hpcprune.weights import CheckpointWeights
+from hpcprune.models.weights import CheckpointWeights
 
 
 def test_every_tensor_reads_back_exactly_and_only_float_weights_are_prunable(tmp_path):
