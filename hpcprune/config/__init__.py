@@ -12,6 +12,7 @@ from hpcprune.config.sections import (
                                       CalibrationConfig,
                                       DataConfig,
                                       DistillConfig,
+                                      EvalConfig,
                                       FanoutConfig,
                                       FanoutDaskConfig,
                                       FanoutSlurmConfig,
@@ -26,7 +27,7 @@ from hpcprune.config.sections import (
 )
 
 __all__ = [
-    "CHECKPOINT_MODEL", "CalibrationConfig", "DataConfig", "DistillConfig", "FanoutConfig", "FanoutDaskConfig",
+    "CHECKPOINT_MODEL", "CalibrationConfig", "DataConfig", "DistillConfig", "EvalConfig", "FanoutConfig", "FanoutDaskConfig",
     "FanoutSlurmConfig", "LRScheduleConfig", "ModelConfig", "OptimizerConfig", "OutputConfig", "PruneConfig",
     "RunConfig", "ScheduleConfig", "Section", "TrainConfig", "load_config", "load_config_text", "validate_tree",
 ]

@@ -19,6 +19,7 @@ from hpcprune.config.sections import (
     CalibrationConfig,
     DataConfig,
     DistillConfig,
+    EvalConfig,
     FanoutConfig,
     ModelConfig,
     OptimizerConfig,
@@ -47,6 +48,8 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out text for perplexity (causal LMs) or embedding fidelity (encoders), dense and pruned."""
     fanout: FanoutConfig = Field(default_factory=FanoutConfig)
     """How selection is spread: this process's ranks, or staged tasks on a SLURM job array or dask."""
 

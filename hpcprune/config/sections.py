@@ -173,9 +173,24 @@ class CalibrationConfig(Section):
     split: Literal["train", "validation"] = "train"
     """Split the batches are cut from, in its stored order: batch b is samples [b*batch_size, (b+1)*batch_size)."""
     text: str | None = None
-    """Text file, one sentence per line (Hugging Face models): tokenized, joined and cut into sequences."""
+    """Plain UTF-8 text file (Hugging Face models), tokenized with the model folder's own tokenizer
+    (hpcprune.models.text_windows): causal LMs draw `samples` windows from the whole text, encoders
+    take one line per window."""
     sequence_length: int = Field(32, gt=1)
-    """Tokens per calibration sequence (text)."""
+    """Tokens per calibration window (text)."""
+    samples: int = Field(128, gt=0)
+    """Calibration windows drawn from `text` (block-sequential pipeline; 128 as in Wanda and SparseGPT)."""
+    seed: int = Field(0, ge=0)
+    """Seed of the windows' start offsets (encoders: of the lines chosen); the same windows on every rank."""
+
+
+class EvalConfig(Section):
+    """Held-out text the model is evaluated on, dense and pruned (Hugging Face models)."""
+
+    text: str | None = None
+    """Plain UTF-8 text file: perplexity over its consecutive windows (causal LMs); None: no evaluation."""
+    sequence_length: int | None = Field(None, gt=1)
+    """Tokens per evaluation window; None: calibration.sequence_length."""
 
 
 class DistillConfig(Section):
