@@ -250,8 +250,8 @@ def report(archive: str, out: str | None, force: bool) -> None:
 @cli.command()
 @click.argument("archive", type=click.Path(dir_okay=False))
 @click.option("--round", "round_index", type=int, help="Round to export (default: the last complete one).")
-@click.option("--format", "fmt", required=True, metavar="masked|compact|sparse|int8", help="What to write (see README).")
-@click.option("--out", required=True, help="File to write (safetensors).")
+@click.option("--format", "fmt", required=True, metavar="masked|compact|sparse|int8|hf", help="What to write (see README).")
+@click.option("--out", required=True, help="File to write (safetensors); a folder for --format hf.")
 @click.option("--int8-base", default="masked", metavar="masked|compact", help="Model that --format int8 quantizes.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 def export(archive: str, round_index: int | None, fmt: str, out: str, int8_base: str, force: bool) -> None:

@@ -47,6 +47,7 @@ class ArchiveReader:
             self.checkpoint = self._checkpoint(file)
             self.events = [_row(row) for row in file["events"][()]] if "events" in file else []
             self._rounds = [self._round(index, group) for index, group in round_groups(file)]
+        self._links: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
 
     def rounds(self, include_incomplete: bool = False) -> list[dict[str, Any]]:
         """Round attrs (plus "index"), in round order; only complete rounds unless asked."""
@@ -73,6 +74,37 @@ class ArchiveReader:
                 except OSError as error:  # fletcher32 or gzip found damaged bytes
                     raise UsageError(f"{self.path}: round {index}, mask {name} is corrupted ({error})") from None
                 yield name, packed, tuple(int(size) for size in dataset.attrs["shape"])
+
+    def mask_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
+        """Each mask's tensor name and shape, in plan order, from attributes alone (no mask is read)."""
+        return {name: shape for name, (_, shape) in self._mask_links(index).items()}
+
+    def read_mask(self, index: int, name: str) -> torch.Tensor:
+        """One mask of the round as a bool tensor (True = keep): a model's masks one at a time."""
+        link, shape = self._mask_links(index)[name]
+        with open_checked(self.path) as file:
+            try:
+                packed = self._group(file, index)["masks"][link][()]
+            except OSError as error:  # fletcher32 or gzip found damaged bytes
+                raise UsageError(f"{self.path}: round {index}, mask {name} is corrupted ({error})") from None
+        return unpack_mask(packed, shape)
+
+    def _mask_links(self, index: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (HDF5 link name, shape) of the round's masks, read once per round."""
+        if index not in self._links:
+            with open_checked(self.path) as file:
+                self._links[index] = {dataset.attrs["name"]: (link, tuple(int(size) for size in dataset.attrs["shape"]))
+                                      for link, dataset in self._group(file, index)["masks"].items()}
+        return self._links[index]
+
+    def blocks(self, index: int) -> list[dict[str, Any]]:
+        """The round's /blocks table of a block-sequential run (block, seconds, weights_file: the absolute
+        path of the safetensors file of the block's updated weights, None when the method changed none);
+        empty for any other run."""
+        with open_checked(self.path) as file:
+            group = self._group(file, index)
+            rows = [_row(row) for row in group["blocks"][()]] if "blocks" in group else []
+        return [{**row, "weights_file": self._resolve(row["weights_file"])} for row in rows]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Each parameter's shape, from /model/params (stored as text: "300x784", "" for a scalar)."""

@@ -13,8 +13,13 @@ needs nothing pickled:
     sparse   masked tensors as bitmask + kept values or CSR (`hpcprune.deploy.sparse`)
     int8     dynamic int8 quantization of the masked or compacted model (`hpcprune.deploy.quantize`)
 
+and one format is a folder: `hf` (`hpcprune export run.h5 --format hf --out DIR`) writes the run's
+Hugging Face folder with its weights pruned, as sharded safetensors that the model's own
+transformers class loads (`hpcprune.deploy.hf_folder`), tensor by tensor.
+
 After writing, the file is loaded back and measured: parameters (stored and nonzero), bytes on disk,
-FLOPs per sample, and test accuracy when the run's data is available. The figures are printed and
+FLOPs per sample, and test accuracy when the run's data is available (a Hugging Face model has
+neither: it is measured by its parameters and bytes). The figures are printed and
 appended to the archive as /exports/<NNNN>. An archive of `model.name: checkpoint` has no module:
 it exports masked and sparse only.
 """
@@ -34,6 +39,7 @@ from hpcprune.archive.writer import Archive
 from hpcprune.config import CHECKPOINT_MODEL
 from hpcprune.deploy.formats import (
     EXPORTERS,
+    FOLDER_FORMAT,
     INT8_BASES,
     METADATA_KEY,
     Artefact,
@@ -41,6 +47,7 @@ from hpcprune.deploy.formats import (
     exporter,
     load_exported,
 )
+from hpcprune.deploy.hf_folder import export_folder
 from hpcprune.deploy.measure import ExportReport, count_flops, measure
 from hpcprune.deploy.round_model import RoundModel, build_architecture, load_round
 from hpcprune.errors import UsageError
@@ -53,6 +60,11 @@ __all__ = ["build_architecture", "count_flops", "export", "exported_model", "loa
 def export(archive: str | Path, *, fmt: str, out: str | Path, round_index: int | None = None,
            force: bool = False, int8_base: str = "masked", record: bool = True) -> ExportReport:
     """Write round `round_index` (default: the last complete one) of `archive` as `fmt` to `out`."""
+    if fmt == FOLDER_FORMAT:
+        report = export_folder(archive, Path(out), round_index, force)
+        if record:
+            Archive.at(archive).write_export(_export_attrs(report, Path(out)))
+        return report
     chosen = exporter(fmt)
     if int8_base not in INT8_BASES:
         raise UsageError(f"--int8-base {int8_base!r}: expected one of {', '.join(INT8_BASES)}")

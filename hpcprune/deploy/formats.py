@@ -37,6 +37,7 @@ from hpcprune.deploy.sparse import decode_sparse, encode_sparse, encoding_counts
 from hpcprune.errors import UsageError
 
 METADATA_KEY = "hpcprune.export"
+FOLDER_FORMAT = "hf"  # the one format that is a folder, not a file (hpcprune.deploy.hf_folder)
 INT8_BASES = ("masked", "compact")
 
 
@@ -155,7 +156,7 @@ def exported_model(path: str) -> nn.Module:
 
 def exporter(fmt: str) -> Exporter:
     if fmt not in EXPORTERS:
-        raise UsageError(f"--format {fmt!r}: unknown format; expected one of {', '.join(EXPORTERS)}")
+        raise UsageError(f"--format {fmt!r}: unknown format; expected one of {', '.join([*EXPORTERS, FOLDER_FORMAT])}")
     return EXPORTERS[fmt]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpcprune import registry
 from hpcprune.deploy.formats import load_exported
 from hpcprune.deploy.quantize import int8_parameters
 from hpcprune.deploy.round_model import RoundModel
@@ -22,6 +23,7 @@ from hpcprune.dist.world import SingleWorld
 from hpcprune.train.finetune import evaluate
 
 log = logging.getLogger("hpcprune")
+NOT_MEASURED = "a Hugging Face model: FLOPs and accuracy are measured on images"
 
 
 @dataclass
@@ -38,15 +40,17 @@ class ExportReport:
     accuracy: float  # test accuracy of the exported model as loaded back; NaN without data
     recorded_accuracy: float
     details: dict[str, Any] = field(default_factory=dict)
+    not_measured: str = ""  # why FLOPs and accuracy are n/a, when it is not "no module" or "no data"
 
     def render(self) -> str:
         def ratio(part: float, whole: float) -> str:
             return f"{part / whole:.3f}x" if whole and not math.isnan(part) else "n/a"
 
-        missing = "no module" if math.isnan(self.flops) else "no data"
+        no_module = self.not_measured or "no module"
+        missing = no_module if math.isnan(self.flops) else self.not_measured or "no data"
         accuracy = f"n/a ({missing})" if math.isnan(self.accuracy) else f"{100 * self.accuracy:.2f} %"
         recorded = "" if math.isnan(self.recorded_accuracy) else f" (round {self.round} recorded {100 * self.recorded_accuracy:.2f} %)"
-        flops = "n/a (no module)" if math.isnan(self.flops) else f"{self.flops:,.0f} per sample, {self.nonzero_flops:,.0f} with nonzero weights"
+        flops = f"n/a ({no_module})" if math.isnan(self.flops) else f"{self.flops:,.0f} per sample, {self.nonzero_flops:,.0f} with nonzero weights"
         return (
             f"export     {self.path} ({self.format}, round {self.round})\n"
             f"parameters {self.parameters:,} stored, {self.nonzero_parameters:,} nonzero\n"
@@ -61,7 +65,8 @@ def measure(job: RoundModel, fmt: str, out: Path, details: dict[str, Any]) -> Ex
     loaded = load_exported(out)
     model = loaded.model
     parameters, nonzero = _parameter_counts(model, loaded.state)
-    flops, nonzero_flops = (math.nan, math.nan) if model is None else count_flops(model, job.architecture["input_shape"])
+    text_model = job.architecture["name"].startswith(registry.HF_PREFIX)
+    flops, nonzero_flops = (math.nan, math.nan) if model is None or text_model else count_flops(model, job.architecture["input_shape"])
     accuracy = math.nan
     if model is not None and job.splits is not None:
         accuracy = evaluate(model, job.splits.test, world=SingleWorld(), device=torch.device("cpu"),
@@ -70,7 +75,8 @@ def measure(job: RoundModel, fmt: str, out: Path, details: dict[str, Any]) -> Ex
         log.warning("no accuracy for the export: %s", job.data_problem)
     dense_bytes = sum(tensor.nbytes for tensor in job.state.values())
     return ExportReport(fmt, job.round, str(out), parameters, nonzero, out.stat().st_size, dense_bytes,
-                        flops, nonzero_flops, accuracy, job.recorded_accuracy, details)
+                        flops, nonzero_flops, accuracy, job.recorded_accuracy, details,
+                        NOT_MEASURED if text_model else "")
 
 
 def _parameter_counts(model: nn.Module | None, state: Mapping[str, torch.Tensor]) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpcprune import registry
 from hpcprune.archive.reader import complete_round, open_archive
 from hpcprune.config import CHECKPOINT_MODEL, ModelConfig, RunConfig, load_config_text
 from hpcprune.errors import UsageError
@@ -51,7 +52,8 @@ def load_round(archive: str | Path, round_index: int | None = None) -> RoundMode
         state = load_state_file(config.model.checkpoint)
         _mask_state(state, masks)
         return RoundModel(state=state, model=None, architecture={"name": CHECKPOINT_MODEL}, **common)
-    splits, problem = _try_data(config)
+    # A Hugging Face model reads text: the run's image data is neither loaded nor missed.
+    splits, problem = (None, "") if config.model.name.startswith(registry.HF_PREFIX) else _try_data(config)
     architecture = {
         "name": config.model.name, "kwargs": dict(config.model.kwargs),
         "input_shape": list(splits.input_shape if splits else INPUT_SHAPE),
@@ -78,13 +80,6 @@ def _try_data(config: RunConfig) -> tuple[Splits | None, str]:
         return load_data(config.data, config.seed), ""
     except UsageError as error:  # the model still exports; only its accuracy is missing
         return None, str(error)
-
-
-def _mask_state(state: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
-    for name, mask in masks.items():
-        if name not in state:
-            raise UsageError(f"checkpoint has no tensor {name!r}, which the archive's masks name")
-        state[name] = state[name].masked_fill(~mask, 0.0)
 
 
 def _mask_state(state: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
