@@ -1,7 +1,8 @@
 """Floor 4, models: what is pruned and what it is fed.
 
 What lives here: the model registry and checkpoints (`builders`: built-ins, `package.module:callable`,
-safetensors and weights-only state dicts), Hugging Face style folders (`hf`), the prunable tensors
+safetensors and weights-only state dicts), Hugging Face style folders (`hf`) and the token windows
+of their calibration and evaluation text (`text_windows`), the prunable tensors
 of a module or of a checkpoint on disk read tensor by tensor (`weights`), and the image data
 (`data`). It may import `dist` and the floors below; it knows nothing of pruning.
 """
