@@ -31,7 +31,6 @@ import math
 import re
 import shutil
 from collections.abc import Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,23 +100,16 @@ def write_folder(plan: FolderPlan, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     total = 0
-    with ExitStack() as files:
-        opened: dict[Path, object] = {}
 
-        def read(path: Path, name: str) -> torch.Tensor:
-            if path not in opened:
-                opened[path] = files.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            return opened[path].get_tensor(name)
+    def make(spec: TensorSpec, source: Path) -> torch.Tensor:
+        tensor = read_tensor(plan.updated.get(spec.name, source), spec.name).to(spec.dtype)
+        if spec.name in plan.masked:
+            tensor = tensor.masked_fill(~plan.reader.read_mask(plan.round, spec.name), 0)
+        return tensor
 
-        def make(spec: TensorSpec, source: Path) -> torch.Tensor:
-            tensor = read(plan.updated.get(spec.name, source), spec.name).to(spec.dtype)
-            if spec.name in plan.masked:
-                tensor = tensor.masked_fill(~plan.reader.read_mask(plan.round, spec.name), 0)
-            return tensor
-
-        for (source, specs), shard in zip(plan.shards, plan.shard_names):
-            total += write_streamed(out / shard, specs, lambda spec, source=source: make(spec, source), {"format": "pt"})
-            weight_map.update((spec.name, shard) for spec in specs)
+    for (source, specs), shard in zip(plan.shards, plan.shard_names):
+        total += write_streamed(out / shard, specs, lambda spec, source=source: make(spec, source), {"format": "pt"})
+        weight_map.update((spec.name, shard) for spec in specs)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     with replace_atomically(out / INDEX) as temporary:
         temporary.write_text(json.dumps(index, indent=2) + "\n")
@@ -143,16 +135,22 @@ def export_folder(archive: str | Path, out: Path, round_index: int | None, force
 def measure_folder(out: Path, plan: FolderPlan) -> dict[str, int]:
     """Figures of the folder as written, read back shard by shard: stored and nonzero parameters, bytes."""
     parameters = nonzero = 0
-    for shard in plan.shard_names:
-        with safe_open(str(out / shard), framework="pt", device="cpu") as file:
-            for name in file.keys():
-                tensor = file.get_tensor(name)
-                if tensor.is_floating_point():
-                    parameters += tensor.numel()
-                    nonzero += int(tensor.count_nonzero())
+    for (_, specs), shard in zip(plan.shards, plan.shard_names):
+        for spec in specs:
+            tensor = read_tensor(out / shard, spec.name)
+            if tensor.is_floating_point():
+                parameters += tensor.numel()
+                nonzero += int(tensor.count_nonzero())
     return {"parameters": parameters, "nonzero_parameters": nonzero,
             "bytes": sum((out / shard).stat().st_size for shard in plan.shard_names),
             "dense_bytes": sum(spec.nbytes for _, specs in plan.shards for spec in specs)}
+
+
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, the file mapped only while it is read: a file kept open would
+    keep every page read from it resident, and a shard of a large model is gigabytes."""
+    with safe_open(str(path), framework="pt", device="cpu") as file:
+        return file.get_tensor(name)
 
 
 # --- planning ------------------------------------------------------------------------------------
