@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from hpcprune.archive.codec import pack_mask
 from hpcprune.archive.reader import FORMAT_VERSION, open_archive
@@ -184,6 +185,20 @@ def test_resume_with_a_different_config_names_the_key(run):
     path, _ = run
     with pytest.raises(UsageError, match=r"prune\.sparsity is 0\.9 in the archive and 0\.8 now"):
         Archive.open_resume(path, config_yaml=config_yaml(sparsity=0.8), world_size=1)
+
+
+def test_an_archive_written_before_a_new_key_resumes_with_its_default(run):
+    """Config keys added since an archive was written take their defaults in the comparison."""
+    path, _ = run
+    stored = yaml.safe_load(config_yaml())
+    del stored["calibration"]["samples"], stored["eval"]
+    with h5py.File(path, "a") as file:
+        del file["config"]
+        file.create_dataset("config", data=yaml.safe_dump(stored), dtype=h5py.string_dtype())
+    assert Archive.open_resume(path, config_yaml=config_yaml(), world_size=1).completed_rounds() == [1, 2]
+    other = RunConfig.model_validate({"calibration": {"samples": 64}, "output": {"path": "x.h5"}}).to_yaml()
+    with pytest.raises(UsageError, match=r"calibration\.samples is 128 in the archive and 64 now"):
+        Archive.open_resume(path, config_yaml=other, world_size=1)
 
 
 def test_newer_format_is_refused(run):

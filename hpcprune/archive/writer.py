@@ -65,6 +65,7 @@ from hpcprune.archive.reader import (
     round_name,
 )
 from hpcprune.archive.update import open_h5
+from hpcprune.config import load_config_text
 from hpcprune.errors import UsageError
 from hpcprune.progress import bar
 
@@ -137,7 +138,7 @@ class Archive:
         """Reopen an archive to continue its run with the same config (output.path and progress may differ)."""
         path = Path(path)
         reader = open_archive(path)
-        difference = _first_difference(_flatten(_yaml_tree(reader.config_yaml)), _flatten(_yaml_tree(config_yaml)))
+        difference = _first_difference(_flatten(_resolved_tree(reader.config_yaml)), _flatten(_yaml_tree(config_yaml)))
         if difference is not None:
             key, stored, given = difference
             raise UsageError(f"{path}: cannot resume with a different config: {key} is {stored!r} in the archive "
@@ -327,6 +328,15 @@ def _now() -> str:
 def _yaml_tree(text: str) -> dict[str, Any]:
     tree = yaml.safe_load(text) or {}
     return tree if isinstance(tree, dict) else {}
+
+
+def _resolved_tree(text: str) -> dict[str, Any]:
+    """A stored config as this version resolves it: keys added since it was written take their
+    defaults, so an archive written before a new key still resumes under the same settings."""
+    try:
+        return load_config_text(text, "<archive>").model_dump(mode="json")
+    except UsageError:  # a key this version no longer knows: compare as stored, and say which differs
+        return _yaml_tree(text)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
