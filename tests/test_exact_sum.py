@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from hpcprune.dist.exact_sum import ExactSum, SpreadTooWide, agree_on_scales, reduce_exactly
+from hpcprune.dist.exact_sum import (
+    ExactSum,
+    SpreadTooWide,
+    agree_on_scales,
+    reduce_exactly,
+)
 from hpcprune.dist.world import SingleWorld
 
 
@@ -77,8 +82,10 @@ def test_a_single_world_reduction_and_empty_sums():
     assert got.tolist() == [1.5, 2.0, 0.0] and nothing.tolist() == [0.0, 0.0]
 
 
-def test_a_spread_too_wide_is_refused_with_the_bits_that_would_do():
-    terms = [torch.tensor([1.0]), torch.tensor([2.0 ** 30])]
+@pytest.mark.parametrize("order", [1, -1], ids=["small-first", "large-first"])
+def test_a_spread_too_wide_is_refused_with_the_bits_that_would_do(order):
+    """Refused in either order: a finer term that arrives after a coarse one must not be dropped silently."""
+    terms = [torch.tensor([1.0]), torch.tensor([2.0 ** 30])][::order]
     total = ExactSum.of((1,), 2)
     for term in terms:
         total.add(term)
@@ -95,3 +102,10 @@ def test_a_non_finite_term_is_reported_in_the_agreement():
     total.add(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="NaN or infinite"):
         agree_on_scales([total], SingleWorld())
+
+
+def test_terms_near_the_smallest_float64_scales_stay_inside_the_exponent_table():
+    total = ExactSum.of((2,), 3)
+    total.add(torch.tensor([2.0 ** -1000, 0.0], dtype=torch.float64))
+    total.add(torch.tensor([2.0 ** -999, 2.0 ** -1000], dtype=torch.float64))
+    assert reduce_exactly([total], SingleWorld())[0].tolist() == [3 * 2.0 ** -1000, 2.0 ** -1000]

@@ -36,8 +36,10 @@ SPREAD_BITS = 8
 """Room for terms whose largest elements differ by up to 2^8 (one window's statistic against another's)."""
 
 INT_BITS = 62  # int64 less the sign bit and one bit of slack
-EXPONENTS = 2200  # frexp exponents of float64 lie in [-1073, 1024]: index = exponent + OFFSET
-OFFSET = 1100
+# frexp exponents of float64 lie in [-1073, 1024] and a unit lies up to 52 bits below its term's
+# exponent (further, after a retry with few bits): index = exponent + OFFSET.
+EXPONENTS = 2400
+OFFSET = 1200
 
 
 class SpreadTooWide(ValueError):
@@ -71,6 +73,7 @@ class ExactSum:
     integers: torch.Tensor | None = None  # int64: the terms so far, in units of 2^base
     base: int | None = None  # exponent of the unit (the finest scale among this rank's terms)
     top: int | None = None  # largest frexp exponent of any term's elements on this rank
+    finest: int | None = None  # finest scale of any term seen, added or refused (what the ranks agree on)
     problem: str | None = None  # a non-finite term: every rank learns of it in the reduction
 
     @classmethod
@@ -86,13 +89,18 @@ class ExactSum:
             self.problem = self.problem or "a statistic is NaN or infinite (non-finite activations or weights)"
             return
         largest = float(term.abs().max()) if term.numel() else 0.0
-        if largest == 0.0 or self.problem:
+        if largest == 0.0:
             return
         exponent = math.frexp(largest)[1]  # largest < 2^exponent
         scale = exponent - self.mantissa_bits
-        integers = torch.round(torch.ldexp(term, torch.tensor(-scale, dtype=torch.float64, device=term.device)))
-        integers = integers.to(torch.int64)
+        # The scales of every term, even one refused below, so that the agreement sees the same
+        # spread whatever order the terms came in.
         self.top = exponent if self.top is None else max(self.top, exponent)
+        self.finest = scale if self.finest is None else min(self.finest, scale)
+        if self.problem:
+            return
+        integers = torch.round(scaled(term, -scale))
+        integers = integers.to(torch.int64)
         if self.base is None:
             self.integers, self.base = integers, scale
             return
@@ -114,8 +122,8 @@ class ExactSum:
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """(exponent histograms, flags) this rank contributes to the agreement on scales."""
         histograms = np.zeros((2, EXPONENTS), dtype=np.int64)
-        if self.base is not None:
-            histograms[0, self.base + OFFSET] = 1
+        if self.finest is not None:
+            histograms[0, self.finest + OFFSET] = 1
             histograms[1, self.top + OFFSET] = 1
         flags = np.array([self.problem not in (None, "spread"), self.problem == "spread"], dtype=np.int64)
         return histograms, flags
@@ -162,5 +170,14 @@ def reduce_exactly(sums: Sequence[ExactSum], world: World) -> list[torch.Tensor]
             continue
         integers = world.allreduce_sum(total.at_base(base))
         value = torch.from_numpy(integers).to(torch.float64)  # rounds once, to nearest
-        totals.append(torch.ldexp(value, torch.tensor(base, dtype=torch.float64)).to(total.device))
+        totals.append(scaled(value, base).to(total.device))
     return totals
+
+
+def scaled(values: torch.Tensor, exponent: int) -> torch.Tensor:
+    """values * 2^exponent, exact while the results are normal floats. torch.ldexp multiplies by
+    2.0 ** exponent, which overflows past 2^1023 even where the product would not: two half steps."""
+    half = exponent // 2
+    for step in (half, exponent - half):
+        values = torch.ldexp(values, torch.tensor(step, dtype=torch.float64, device=values.device))
+    return values
