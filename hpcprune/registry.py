@@ -29,8 +29,21 @@ WEIGHT_RULES = ("global", "layer", "threshold", "row", "nm")
 CHANNEL_RULES = ("global", "layer", "threshold")
 """prune.rule for whole channels (hpcprune.prune.channels.CHANNEL_RULES)."""
 
-SCHEDULES = ("oneshot", "iterative", "gradual")
+SCHEDULES = ("oneshot", "iterative", "gradual", "sequential")
 """schedule.kind (hpcprune.prune.schedule.SCHEDULES)."""
+
+SEQUENTIAL = "sequential"
+"""schedule.kind of the block-sequential pipeline for large transformers (hpcprune.run.sequential)."""
+
+BLOCK_CRITERIA = ("magnitude", "wanda")
+"""prune.criterion under schedule.kind sequential (hpcprune.prune.sequential.methods.METHODS); a name
+here and not in WEIGHT_CRITERIA exists only in that pipeline."""
+
+BLOCK_CALIBRATED = ("wanda",)
+"""Block criteria that read statistics of the calibration windows (METHODS' `statistics` not empty)."""
+
+BLOCK_RULES = ("row", "layer", "nm")
+"""prune.rule under schedule.kind sequential: rules that decide each layer alone, as blocks come."""
 
 CHANNEL_SCHEDULES = ("oneshot", "iterative")
 """Schedules that select channels: once per round, between fine-tuning stages."""

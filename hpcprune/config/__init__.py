@@ -25,9 +25,10 @@ from hpcprune.config.sections import (
                                       Section,
                                       TrainConfig,
 )
+from hpcprune.config.sequential import SequentialConfig
 
 __all__ = [
     "CHECKPOINT_MODEL", "CalibrationConfig", "DataConfig", "DistillConfig", "EvalConfig", "FanoutConfig", "FanoutDaskConfig",
     "FanoutSlurmConfig", "LRScheduleConfig", "ModelConfig", "OptimizerConfig", "OutputConfig", "PruneConfig",
-    "RunConfig", "ScheduleConfig", "Section", "TrainConfig", "load_config", "load_config_text", "validate_tree",
+    "RunConfig", "ScheduleConfig", "Section", "SequentialConfig", "TrainConfig", "load_config", "load_config_text", "validate_tree",
 ]

@@ -29,6 +29,7 @@ from hpcprune.config.sections import (
     Section,
     TrainConfig,
 )
+from hpcprune.config.sequential import SequentialConfig, check_sequential
 
 CHECKPOINT_MODEL = registry.CHECKPOINT_MODEL
 
@@ -52,6 +53,13 @@ class RunConfig(Section):
     """Held-out text for perplexity (causal LMs) or embedding fidelity (encoders), dense and pruned."""
     fanout: FanoutConfig = Field(default_factory=FanoutConfig)
     """How selection is spread: this process's ranks, or staged tasks on a SLURM job array or dask."""
+    sequential: SequentialConfig = Field(default_factory=SequentialConfig)
+    """schedule.kind sequential: how the blocks of a large transformer are run one at a time."""
+
+    @model_validator(mode="after")
+    def _sequential_fits(self) -> RunConfig:
+        check_sequential(self)
+        return self
 
     @model_validator(mode="after")
     def _hf_models_are_pruned_not_trained(self) -> RunConfig:

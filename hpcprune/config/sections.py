@@ -42,6 +42,9 @@ class ModelConfig(Section):
     Without one, the model is trained dense first (see `pretrain`)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the model builder."""
+    blocks: str | None = None
+    """schedule.kind sequential: dotted path of the model's repeated blocks (an nn.ModuleList, e.g.
+    `model.layers`), when finding them alone is ambiguous."""
 
 
 class DataConfig(Section):
@@ -135,7 +138,7 @@ class PruneConfig(Section):
     @classmethod
     def _known_criterion(cls, name: str, info: ValidationInfo) -> str:
         granularity = info.data.get("granularity", "weight")
-        known = registry.CRITERIA[granularity]
+        known = set(registry.CRITERIA[granularity]) | (set(registry.BLOCK_CRITERIA) if granularity == "weight" else set())
         if name not in known:
             raise ValueError(f"unknown {granularity} criterion {name!r}; known: {', '.join(sorted(known))}")
         return name

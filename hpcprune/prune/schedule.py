@@ -31,10 +31,15 @@ def gradual(schedule: ScheduleConfig, target: float) -> list[float]:
     return [target]  # one round; its mask updates happen inside fine-tuning
 
 
+def sequential(schedule: ScheduleConfig, target: float) -> list[float]:
+    return [target]  # one round, decided block by block (hpcprune.run.sequential)
+
+
 SCHEDULES: dict[str, Callable[[ScheduleConfig, float], list[float]]] = {
     "oneshot": oneshot,
     "iterative": iterative,
     "gradual": gradual,
+    "sequential": sequential,
 }
 
 

@@ -1,0 +1,64 @@
+"""The settings of the block-sequential pipeline (`schedule.kind: sequential`) and what it refuses.
+
+    hpcprune prune --config configs/llm_wanda.yaml --set sequential.threads=4
+
+`sequential` says how the blocks are run (which activations feed the next block, how much of them a
+rank keeps in memory, how many threads a rank computes with); `eval` (hpcprune.config.sections)
+names the held-out text the run measures before and after pruning. `check_sequential` holds the
+cross-section rules: what the pipeline cannot do is refused with one line before anything runs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from hpcprune import registry
+from hpcprune.config.sections import Section
+
+
+class SequentialConfig(Section):
+    """schedule.kind sequential: one block of the model resident at a time (hpcprune.run.sequential)."""
+
+    propagate: Literal["pruned", "dense"] = "pruned"
+    """Inputs of block b+1: the outputs of block b once pruned (pruning errors carry on, as in SparseGPT),
+    or of block b dense (every block is calibrated on the dense model's activations)."""
+    activation_budget_mb: float = Field(1024.0, gt=0)
+    """Per rank: activations of the rank's windows (calibration and evaluation) held in memory up to
+    this many MiB; above it they are spilled to `<archive stem>.states/activations/rank-<r>/`."""
+    threads: int = Field(1, gt=0)
+    """torch threads per rank. Fixed by the config, not by the core count, because a matrix product's
+    last bits can depend on how many threads share it; the default 1 also keeps ranks on shared
+    nodes from fighting over cores. Changing it may change masks; resume refuses a changed value."""
+
+
+def check_sequential(config) -> None:
+    """The block-sequential pipeline's limits (`config` is a RunConfig); ValueError names the key."""
+    kind = config.schedule.kind
+    criterion = config.prune.criterion
+    if kind != registry.SEQUENTIAL:
+        if criterion not in registry.CRITERIA[config.prune.granularity]:
+            raise ValueError(f"prune.criterion {criterion!r} runs only in the block-sequential pipeline: "
+                             f"set schedule.kind: {registry.SEQUENTIAL}")
+        return
+    if not config.model.name.startswith(registry.HF_PREFIX):
+        raise ValueError(f"schedule.kind {kind} prunes Hugging Face folders block by block: model.name must be "
+                         f"hf:<folder>, not {config.model.name!r}")
+    if config.pretrain.epochs or config.finetune.epochs:
+        raise ValueError(f"schedule.kind {kind} prunes without training: set pretrain.epochs: 0 and finetune.epochs: 0")
+    if config.fanout.backend != registry.IN_WORLD:
+        raise ValueError(f"schedule.kind {kind} runs in this job's own ranks: fanout.backend must be "
+                         f"{registry.IN_WORLD!r}, not {config.fanout.backend!r}")
+    if config.prune.granularity != "weight":
+        raise ValueError(f"schedule.kind {kind} prunes single weights: prune.granularity must be 'weight'")
+    if criterion not in registry.BLOCK_CRITERIA:
+        raise ValueError(f"schedule.kind {kind}: prune.criterion {criterion!r} is not one of its criteria "
+                         f"({', '.join(registry.BLOCK_CRITERIA)})")
+    if config.prune.rule not in registry.BLOCK_RULES:
+        raise ValueError(f"schedule.kind {kind} decides each layer as its block comes: prune.rule must be one of "
+                         f"{', '.join(registry.BLOCK_RULES)}, not {config.prune.rule!r}")
+    if config.schedule.rewind_epoch is not None:
+        raise ValueError(f"schedule.kind {kind} does not train: schedule.rewind_epoch must be left out")
+    if criterion in registry.BLOCK_CALIBRATED and config.calibration.text is None:
+        raise ValueError(f"prune.criterion {criterion!r} reads calibration windows: set calibration.text to a text file")
