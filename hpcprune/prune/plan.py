@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -66,14 +67,16 @@ def prunable_tensors(candidates: list[tuple[str, tuple[int, ...]]], prune: Prune
     return tuple(TensorSpec(index, name, shape) for index, (name, shape) in enumerate(kept))
 
 
-def assign_owners(tensors: tuple[TensorSpec, ...], world_size: int) -> tuple[int, ...]:
-    """Largest tensor first onto the least-loaded rank; ties go to the lower rank, so it is deterministic."""
+def assign_owners(tensors: tuple[TensorSpec, ...], world_size: int,
+                  cost: Callable[[TensorSpec], int] = lambda spec: spec.numel) -> tuple[int, ...]:
+    """Costliest tensor first (default: the largest) onto the least-loaded rank; ties go to the lower
+    rank, so it is deterministic. `tensors` are numbered 0..n-1 by their `index`."""
     owners = [0] * len(tensors)
     loads = [(0, rank) for rank in range(world_size)]
-    for spec in sorted(tensors, key=lambda spec: (-spec.numel, spec.index)):
+    for spec in sorted(tensors, key=lambda spec: (-cost(spec), spec.index)):
         load, rank = heapq.heappop(loads)
         owners[spec.index] = rank
-        heapq.heappush(loads, (load + spec.numel, rank))
+        heapq.heappush(loads, (load + cost(spec), rank))
     return tuple(owners)
 
 

@@ -1,0 +1,136 @@
+"""One block of a block-sequential run: statistics, decisions, masks applied, next inputs, errors.
+
+    hpcprune prune --config configs/llm_wanda.yaml     # hpcprune.run.sequential calls this per block
+
+`BlockEngine.prune(block, layers)`, with the block's weights loaded:
+1. the block runs the rank's calibration windows one at a time, dense, with hooks that add each
+   layer's input statistics (hpcprune.prune.sequential.input_statistics), summed exactly over ranks;
+2. each layer is decided on the rank that owns it (`block_owners`, by the method's cost) and the
+   decisions reach every rank (hpcprune.prune.sequential.decisions);
+3. masks (and new weights) are applied: pruned weights are exactly +0.0;
+4. the pruned block runs the windows again, measuring each layer's reconstruction error, and its
+   outputs become the next block's inputs (`sequential.propagate: pruned`); with `dense`, the dense
+   outputs of step 1 do.
+`replay(block, layers, decisions)` does steps 3 and 4 (or 1 and 3) with recorded decisions and no
+statistics: resume rebuilds a block's inputs from the blocks already done. A window is the unit
+of every pass, so what a rank computes for a window does not depend on which other windows it holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hpcprune.dist.exact_sum import SpreadTooWide
+from hpcprune.dist.world import World
+from hpcprune.models.block_calls import BlockRunner
+from hpcprune.prune.sequential.activations import Stream, WindowStore
+from hpcprune.prune.sequential.decisions import BlockDecisions, share_decisions
+from hpcprune.prune.sequential.input_statistics import InputStatistics, LayerStatistics
+from hpcprune.prune.sequential.layers import BlockLayer, block_owners
+from hpcprune.prune.sequential.methods import BlockMethod, LayerRule
+from hpcprune.prune.sequential.reconstruction import ReconstructionErrors
+
+RETRIES = 3  # passes with fewer fixed-point bits after a SpreadTooWide, before giving up
+
+
+@dataclass
+class BlockOutcome:
+    decisions: BlockDecisions
+    errors: dict[str, float]  # layer name -> reconstruction error (NaN without calibration windows)
+
+
+class BlockEngine:
+    def __init__(self, method: BlockMethod, rule: LayerRule, world: World, runner: BlockRunner,
+                 calibration: Stream | None, windows: int, propagate: str):
+        self.method, self.rule, self.world, self.runner = method, rule, world, runner
+        self.calibration = calibration  # this rank's calibration windows (None: the run has none)
+        self.windows = windows  # calibration windows over all ranks
+        self.propagate = propagate
+
+    def prune(self, block: nn.Module, layers: list[BlockLayer]) -> BlockOutcome:
+        statistics, dense_outputs = self._dense_pass(block, layers)
+        owners = block_owners(layers, self.world.size, self.method.cost)
+        mine = {layer.spec.name: self.method.decide(layer.spec, layer.module.weight, statistics.get(layer.spec.name, {}),
+                                                    self.rule)
+                for layer in layers if owners[layer.spec.name] == self.world.rank}
+        decisions = share_decisions(mine, self.world)
+        dense_weights = ({layer.spec.name: layer.module.weight.detach().clone() for layer in layers}
+                         if self.calibration is not None else {})
+        apply_decisions(layers, decisions)
+        errors = self._pruned_pass(block, layers, dense_weights)
+        if dense_outputs is not None:
+            self.calibration.store.take(dense_outputs)
+        return BlockOutcome(decisions, errors)
+
+    def replay(self, block: nn.Module, layers: list[BlockLayer], decisions: BlockDecisions) -> None:
+        if self.calibration is not None and self.propagate == "dense":
+            pass_stream(self.calibration, block, self.runner)
+        apply_decisions(layers, decisions)
+        if self.calibration is not None and self.propagate == "pruned":
+            pass_stream(self.calibration, block, self.runner)
+
+    def _dense_pass(self, block, layers) -> tuple[LayerStatistics, WindowStore | None]:
+        """Statistics the method needs, and the dense outputs when they feed the next block."""
+        kinds = self.method.statistics
+        keep = self.calibration is not None and self.propagate == "dense"
+        if self.calibration is None or (not kinds and not keep):
+            return {}, None
+        bits = None
+        for _ in range(RETRIES):
+            outputs = self.calibration.store.fork() if keep else None
+            statistics = InputStatistics(layers, kinds, self.windows, _device(block), bits) if kinds else None
+            with statistics or contextlib.nullcontext():
+                run_windows(self.calibration, block, self.runner, outputs, scope=statistics)
+            try:
+                return (statistics.reduce(self.world) if statistics else {}), outputs
+            except SpreadTooWide as refused:  # raised on every rank alike: all retry with the same bits
+                bits = refused.mantissa_bits
+                if outputs is not None:
+                    outputs.remove()
+        raise RuntimeError(f"block statistics: the windows' scales still differ too much after {RETRIES} passes")
+
+    def _pruned_pass(self, block, layers, dense_weights) -> dict[str, float]:
+        if self.calibration is None:
+            return {layer.spec.name: math.nan for layer in layers}
+        outputs = self.calibration.store if self.propagate == "pruned" else None
+        with ReconstructionErrors(layers, dense_weights, self.windows) as errors:
+            run_windows(self.calibration, block, self.runner, outputs, scope=errors)
+        return errors.reduce(self.world)
+
+
+def run_windows(stream: Stream, block: nn.Module, runner: BlockRunner, outputs: WindowStore | None, scope=None) -> None:
+    """The block on each of the stream's windows; outputs into `outputs` (None: dropped); `scope`:
+    hooks whose `window(token_mask)` frames each window."""
+    for position in range(len(stream)):
+        hidden, call = stream.store.get(position), stream.calls[position]
+        if scope is None:
+            output = runner(block, hidden, call)
+        else:
+            with scope.window(stream.keeps[position]):
+                output = runner(block, hidden, call)
+        if outputs is not None:
+            outputs.put(position, output)
+
+
+def pass_stream(stream: Stream, block: nn.Module, runner: BlockRunner) -> None:
+    """The stream's windows through the block, in place (evaluation streams, replayed blocks)."""
+    run_windows(stream, block, runner, stream.store)
+
+
+def apply_decisions(layers: list[BlockLayer], decisions: BlockDecisions) -> None:
+    """New weights where a method gave them, then every pruned weight set to exactly +0.0."""
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.module.weight
+            if layer.spec.name in decisions.weights:
+                weight.copy_(decisions.weights[layer.spec.name])
+            weight.masked_fill_(~decisions.mask(layer.spec.name, layer.spec.shape).to(weight.device), 0.0)
+
+
+def _device(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device

@@ -1,0 +1,170 @@
+"""Statistics of a block's Linear inputs, one window at a time, summed exactly over every rank's windows.
+
+    hpcprune prune --config configs/llm_wanda.yaml     # input_squares, for Wanda
+
+Forward pre-hooks on the block's Linear layers see each layer's input X (positions x in_features;
+padding positions of sentence windows left out). Per window, each statistic a method asks for
+becomes one float64 term (`STATISTICS`):
+- input_squares: Σ_t x_tj² per input feature j (Wanda's ‖X_j‖₂ squared), shape [in];
+- hessian: 2·XᵀX (SparseGPT's H), shape [in, in], on the block's device.
+Layers that read the same tensor (q, k and v of attention; gate and up of a gated MLP) share one
+statistic: the first of them to run leads the group, and the grouping every rank saw is
+agreed on before the sums, so a rank without windows adds empty sums in the same order.
+
+A window is the unit: its terms are computed the same way on whichever rank holds it, and
+`hpcprune.dist.exact_sum` adds the terms as integers, so the totals have the same bits for any
+world size. Their float64 values are what the methods read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+
+import torch
+
+from hpcprune.dist.exact_sum import ExactSum, reduce_exactly
+from hpcprune.dist.world import World
+from hpcprune.prune.sequential.layers import BlockLayer
+
+
+def input_squares(rows: torch.Tensor) -> torch.Tensor:
+    return rows.to(torch.float64).square().sum(0)
+
+
+def hessian(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.to(torch.float64)
+    return 2.0 * (rows.T @ rows)
+
+
+# kind -> (one window's term from the input rows, the sum's shape for in_features inputs)
+STATISTICS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[int], tuple[int, ...]]]] = {
+    "input_squares": (input_squares, lambda features: (features,)),
+    "hessian": (hessian, lambda features: (features, features)),
+}
+
+LayerStatistics = dict[str, dict[str, torch.Tensor]]  # layer name -> kind -> float64 total
+
+
+def input_rows(inputs: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """A Linear's input as rows of features; `keep` (the window's token mask) drops padding positions."""
+    rows = inputs.detach().reshape(-1, inputs.shape[-1])
+    if keep is not None and keep.numel() == rows.shape[0]:
+        rows = rows[keep.reshape(-1).to(rows.device).bool()]
+    return rows
+
+
+class WindowHooks:
+    """Forward pre-hooks on a block's layers that add one term per window and layer group.
+
+    A subclass gives `_hook(layer)` (the pre-hook, which sees `self._keep`, the window's token mask)
+    and `_end_window()` (adds the window's terms). Within `with hooks:` the hooks are registered;
+    `with hooks.window(keep):` frames one window, whose terms count only if it ends without error.
+    """
+
+    def __init__(self, layers: list[BlockLayer]):
+        self.layers = layers
+        self._handles: list = []
+        self._keep: torch.Tensor | None = None
+
+    def __enter__(self):
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_pre_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextlib.contextmanager
+    def window(self, keep: torch.Tensor | None) -> Iterator[None]:
+        self._keep = keep
+        yield
+        self._end_window()
+        self._keep = None
+
+    def _hook(self, layer: BlockLayer) -> Callable:
+        raise NotImplementedError
+
+    def _end_window(self) -> None:
+        raise NotImplementedError
+
+
+class InputStatistics(WindowHooks):
+    """Hooks on `layers` while the block runs the rank's windows; `reduce` gives every rank the totals.
+
+        with InputStatistics(layers, kinds, windows, device) as statistics:
+            for each window: with statistics.window(token_mask): run the block
+        totals = statistics.reduce(world)
+    """
+
+    def __init__(self, layers: list[BlockLayer], kinds: tuple[str, ...], windows: int, device: torch.device,
+                 mantissa_bits: int | None = None):
+        super().__init__(layers)
+        self.kinds, self.windows, self.device, self.mantissa_bits = kinds, windows, device, mantissa_bits
+        self.leaders: dict[str, str] = {}  # layer -> the first layer that read the same input
+        self.sums: dict[tuple[str, str], ExactSum] = {}  # (leader, kind) -> this rank's sum
+        self._seen: list[tuple[torch.Tensor, str]] = []  # this window's inputs and the layer that read each first
+        self._terms: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _hook(self, layer: BlockLayer) -> Callable:
+        name = layer.spec.name
+
+        def add(module, args) -> None:
+            inputs = args[0]
+            leader = next((first for tensor, first in self._seen if tensor is inputs), None)
+            if leader is None:
+                self._seen.append((inputs, name))
+                leader = name
+            known = self.leaders.setdefault(name, leader)
+            if known != leader:
+                raise RuntimeError(f"{name} read the input of {leader} in one window and of {known} in another")
+            if leader != name:
+                return
+            rows = input_rows(inputs, self._keep)
+            for kind in self.kinds:
+                term = STATISTICS[kind][0](rows.to(self.device))
+                key = (name, kind)
+                self._terms[key] = self._terms[key] + term if key in self._terms else term
+        return add
+
+    def _end_window(self) -> None:
+        for (leader, kind), term in self._terms.items():
+            self._sum(leader, kind, term.shape).add(term)
+        self._terms, self._seen = {}, []
+
+    def _sum(self, leader: str, kind: str, shape) -> ExactSum:
+        key = (leader, kind)
+        if key not in self.sums:
+            self.sums[key] = ExactSum.of(shape, self.windows, self.device)
+            if self.mantissa_bits is not None:
+                self.sums[key].mantissa_bits = self.mantissa_bits
+        return self.sums[key]
+
+    def reduce(self, world: World) -> LayerStatistics:
+        """Every layer's statistics over all ranks' windows (SpreadTooWide: retry with its mantissa_bits)."""
+        leaders = agree_on_leaders(self.leaders, self.layers, world)
+        order = [layer for layer in self.layers if leaders[layer.spec.name] == layer.spec.name]
+        sums = [self._sum(layer.spec.name, kind, STATISTICS[kind][1](layer.spec.shape[1]))
+                for layer in order for kind in self.kinds]
+        totals = iter(reduce_exactly(sums, world))
+        by_leader = {layer.spec.name: {kind: next(totals) for kind in self.kinds} for layer in order}
+        return {layer.spec.name: by_leader[leaders[layer.spec.name]] for layer in self.layers}
+
+
+def agree_on_leaders(seen: dict[str, str], layers: list[BlockLayer], world: World) -> dict[str, str]:
+    """Every rank's view of which layers share an input, merged (rank 0 gathers, then broadcasts).
+    A layer no rank saw run leads itself; two views that disagree are a bug of the model's forward."""
+    if world.size == 1:
+        merged = dict(seen)
+    else:
+        gathered = world.gather_bytes(json.dumps(seen).encode())
+        merged = {}
+        for view in ([] if gathered is None else [json.loads(data) for data in gathered]):
+            for layer, leader in view.items():
+                if merged.setdefault(layer, leader) != leader:
+                    raise RuntimeError(f"ranks disagree on the input {layer} shares ({leader} or {merged[layer]})")
+        merged = json.loads(world.broadcast_bytes(json.dumps(merged).encode() if world.is_root else None))
+    return {layer.spec.name: merged.get(layer.spec.name, layer.spec.name) for layer in layers}
