@@ -75,7 +75,9 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
 
 def _final_summary(result) -> str:
     lines = [f"archive {result.archive}"]
-    if result.model is not None:  # masks-only runs (model.name: checkpoint) have nothing to evaluate
+    if result.eval_metric is not None:  # schedule sequential: the held-out text, dense and pruned
+        lines += _text_figures(result)
+    elif result.model is not None:  # masks-only runs (model.name: checkpoint) have nothing to evaluate
         lines += [f"dense test accuracy  {100 * result.dense_accuracy:.2f} %",
                   f"pruned test accuracy {100 * result.final_accuracy:.2f} % "
                   f"({100 * (result.final_accuracy - result.dense_accuracy):+.2f} pp)"]
@@ -87,6 +89,17 @@ def _final_summary(result) -> str:
                      f"{100 * result.achieved_sparsity:.4f} % of weights achieved "
                      f"({result.kept} of {result.total} prunable weights kept)")
     return "\n".join(lines)
+
+
+def _text_figures(result) -> list[str]:
+    import math
+
+    if math.isnan(result.eval_dense):
+        return [f"{result.eval_metric:<20} not measured (no eval.text)"]
+    if result.eval_metric == "perplexity":
+        return [f"dense perplexity     {result.eval_dense:.4f}",
+                f"pruned perplexity    {result.eval_pruned:.4f} (x{result.eval_pruned / result.eval_dense:.3f})"]
+    return [f"pruned cosine        {result.eval_pruned:.6f} to the dense model's embeddings"]
 
 
 @cli.command()

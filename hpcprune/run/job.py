@@ -8,6 +8,7 @@ by the stages in `hpcprune.run.rounds` and `hpcprune.run.resume`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,9 @@ class RunResult:
     total: int
     model: nn.Module | None  # the pruned, fine-tuned model (plain module, masks applied)
     target_unit: str = "weights"  # what target_sparsity counts: weights, or channels (prune.granularity)
+    eval_metric: str | None = None  # schedule sequential: "perplexity" or "cosine" on eval.text (None: accuracy)
+    eval_dense: float = math.nan
+    eval_pruned: float = math.nan
 
 
 @dataclass

@@ -8,7 +8,8 @@ function (SPMD); only rank 0 touches the archive (hpcprune.run.resume creates or
 what it reads from it reaches the other ranks through the World.
 
 With `model.name: checkpoint` there is no module and no training: the weights are read from a
-safetensors file tensor by tensor, and a round is score -> select -> record.
+safetensors file tensor by tensor, and a round is score -> select -> record. With
+`schedule.kind: sequential` a Hugging Face model is pruned one block at a time (hpcprune.run.sequential).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpcprune import registry
 from hpcprune.archive.writer import Archive
 from hpcprune.config import CHECKPOINT_MODEL, RunConfig
 from hpcprune.dist.signals import stop_here
@@ -33,11 +35,14 @@ from hpcprune.prune.schedule import round_targets
 from hpcprune.run.job import Job, RunResult
 from hpcprune.run.resume import open_run_archive, resume_masks
 from hpcprune.run.rounds import dense_model, kept_on_rank, prune_round
+from hpcprune.run.sequential import run_sequential
 from hpcprune.train.checkpoint import SavedTraining
 from hpcprune.train.finetune import evaluate, resolve_device
 
 
 def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = False) -> RunResult:
+    if config.schedule.kind == registry.SEQUENTIAL:  # large transformers, block by block
+        return run_sequential(config, world, resume=resume, force=force)
     job = _checkpoint_job(config, world) if config.model.name == CHECKPOINT_MODEL else _model_job(config, world)
     point = open_run_archive(job, resume=resume, force=force)
     job.saved_training = SavedTraining(**point.training) if point.training else None
