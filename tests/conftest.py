@@ -10,6 +10,7 @@ import pytest
 
 from tests import llm_folders
 from tests.slurm_fixtures import local_slurm  # noqa: F401  (session fixture: the local SLURM)
+from tests.tiny_llm import tiny_folders  # noqa: F401  (session fixture: tiny Hugging Face folders)
 
 FASHION_MNIST = Path(os.environ.get("HPCPRUNE_DATA", "/usr/share/datasets/fashion-mnist"))
 

@@ -1,20 +1,22 @@
 """Tiny random Hugging Face folders for the block-sequential tests, written without a download.
 
-    from tests.tiny_llm import llama_folder, opt_folder, bert_folder, english_text
+    tiny_folders (a session fixture, in conftest), sequential_overrides(folder, folders, out, ...)   # a run's --set list
 
 Each folder holds config.json, the weights as transformers' `save_pretrained` writes them (one
 model.safetensors, or shards with model.safetensors.index.json when `shard_bytes` is given) and a
 word-level tokenizer over a small vocabulary (tokenizer.json), so AutoTokenizer and the model
-class load it with local files only. Weights are random but seeded; a few output channels are
-given large inputs so that Wanda's activation norms matter.
+class load it with local files only. Weights are random but seeded; in the LLaMA folders the norms
+before attention and MLP make a few input channels loud, so that Wanda's activation norms matter.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,3 +94,53 @@ def bert_folder(folder: Path, *, layers: int = 2, hidden: int = 32, seed: int = 
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=2 * hidden, max_position_embeddings=128)
     return save(BertModel(config), folder, torch.float32, None)
+
+
+@dataclass(frozen=True)
+class Folders:
+    llama: Path  # 3 blocks, float32, sharded with an index
+    llama_tied: Path  # 2 blocks, bf16, one file, LM head tied to the embeddings
+    opt: Path
+    bert: Path
+    calibration: Path  # text files
+    evaluation: Path
+
+
+    @classmethod
+    def at(cls, root: Path) -> Folders:
+        """The folders `write_folders` wrote under `root` (what a driver under mpirun is given)."""
+        return cls(*(root / name for name in MODELS), calibration=root / "calibration.txt",
+                   evaluation=root / "evaluation.txt")
+
+
+MODELS = {
+    "llama": lambda folder: llama_folder(folder, shard_bytes=24_000),
+    "llama_tied": lambda folder: llama_folder(folder, layers=2, dtype=torch.bfloat16, tie=True, seed=1),
+    "opt": opt_folder,
+    "bert": bert_folder,
+}
+
+
+def write_folders(root: Path) -> Folders:
+    for name, build in MODELS.items():
+        (root / name).mkdir()
+        build(root / name)
+    english_text(root / "calibration.txt", 80, seed=2)
+    english_text(root / "evaluation.txt", 40, seed=3)
+    return Folders.at(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory) -> Folders:
+    from tests.conftest import require_module  # late: conftest imports this fixture
+
+    require_module("transformers", "transformers", "pip install 'hpcprune[hf]'")
+    return write_folders(tmp_path_factory.mktemp("tiny-llm"))
+
+
+def sequential_overrides(folder: Path, folders: Folders, out: Path, *more: str) -> list[str]:
+    """--set overrides of a small block-sequential Wanda run of `folder` (7 windows of 16 tokens)."""
+    return [f"model.name=hf:{folder}", "schedule.kind=sequential", "pretrain.epochs=0", "finetune.epochs=0",
+            "prune.criterion=wanda", "prune.sparsity=0.5", f"calibration.text={folders.calibration}",
+            "calibration.samples=7", "calibration.sequence_length=16", f"eval.text={folders.evaluation}",
+            "eval.sequence_length=24", f"output.path={out}", "progress=false", "seed=5", *more]

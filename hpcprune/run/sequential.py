@@ -94,6 +94,8 @@ def run_sequential(config: RunConfig, world: World, *, resume: bool = False, for
                 pass_stream(streams.eval_pruned, block, runner)
             lazy.release_block(index)
             progress.update(1)
+            log.info("block %d/%d %s in %.2f s", index + 1, len(lazy), "replayed" if index in recorded else "pruned",
+                     time.perf_counter() - started)
 
     started = time.perf_counter()
     figures = evaluate(lazy, streams.eval_dense, streams.eval_pruned, len(evaluation) if evaluation is not None else 0,

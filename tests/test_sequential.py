@@ -1,0 +1,245 @@
+"""The block-sequential pipeline in one process: exact sparsity per row/layer/N:M, what the archive
+records, the perplexity it reports, one block in memory at a time, spilling, propagation, refusals.
+
+    python -m pytest -q tests/test_sequential.py
+
+The models are tiny random LLaMA, OPT and BERT folders written by tests/tiny_llm.py (no download).
+"""
+
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpcprune.archive.blocks import round_tables
+from hpcprune.config import load_config
+from hpcprune.dist.world import SingleWorld
+from hpcprune.errors import UsageError
+from hpcprune.models.lazy import LazyModel
+from hpcprune.models.skeleton import build_skeleton, find_blocks
+from hpcprune.models.text_windows import eval_windows
+from hpcprune.prune.selection import prune_count
+from hpcprune.prune.sequential import activations
+from hpcprune.run.pipeline import run
+from tests.helpers import archive_masks, assert_same_masks
+from tests.tiny_llm import sequential_overrides
+
+LLAMA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def prune_folder(folder, folders, out, *more):
+    return run(load_config(None, sequential_overrides(folder, folders, out, *more)), SingleWorld(), force=True)
+
+
+def bool_masks(path, shapes):
+    return {name: torch.from_numpy(np.unpackbits(packed, count=math.prod(shapes[name])).astype(bool)).view(shapes[name])
+            for name, packed in archive_masks(path, 1).items()}
+
+
+def shapes_of(path):
+    with h5py.File(path, "r") as archive:
+        return {row["name"].decode(): tuple(int(size) for size in row["shape"].decode().split("x"))
+                for row in archive["model/params"][()]}
+
+
+def test_wanda_prunes_every_row_exactly_and_the_round_records_each_block(tiny_folders, tmp_path):
+    out = tmp_path / "wanda.h5"
+    result = prune_folder(tiny_folders.llama, tiny_folders, out)
+    names = [f"model.layers.{block}.{layer}.weight" for block in range(3) for layer in LLAMA_LAYERS]
+    masks = bool_masks(out, shapes_of(out))
+    assert list(masks) == names  # state-dict names, plan order; embeddings, norms and head untouched
+    for name, keep in masks.items():
+        assert (keep.sum(dim=1) == keep.shape[1] - prune_count(0.5, keep.shape[1])).all(), name
+    assert result.kept == sum(int(keep.sum()) for keep in masks.values()) and result.achieved_sparsity == 0.5
+    tables = round_tables(out, 1)
+    assert [row["block"] for row in tables["blocks"]] == [0, 1, 2]
+    assert all(row["weights_file"] == "" for row in tables["blocks"])  # Wanda changes no weight: no shard
+    assert [row["name"] for row in tables["reconstruction"]] == names
+    assert all(0 < row["error"] < 1 for row in tables["reconstruction"])
+    with h5py.File(out, "r") as archive:
+        attrs = dict(archive["rounds/0001"].attrs)
+        assert "model.embed_tokens.weight" in [row["name"].decode() for row in archive["model/params"][()]]
+    assert attrs["status"] == "complete" and attrs["eval_metric"] == "perplexity" and math.isnan(attrs["threshold"])
+    assert attrs["eval_dense"] == result.eval_dense and attrs["eval_pruned"] == result.eval_pruned
+    assert 1 < result.eval_dense < 200 and result.eval_pruned != result.eval_dense
+    assert not (tmp_path / "wanda.states" / "activations").exists()
+
+
+def test_the_recorded_perplexities_are_those_of_the_whole_model_dense_and_masked(tiny_folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "wanda.h5"
+    result = prune_folder(tiny_folders.llama, tiny_folders, out)
+    windows = eval_windows(str(tiny_folders.llama), str(tiny_folders.evaluation), 24)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folders.llama).float().eval()
+
+    def perplexity() -> float:
+        with torch.no_grad():
+            nll = sum(float(torch.nn.functional.cross_entropy(model(window[None]).logits[0, :-1].double(), window[1:],
+                                                              reduction="sum")) for window in windows)
+        return math.exp(nll / (windows.numel() - len(windows)))
+
+    assert perplexity() == pytest.approx(result.eval_dense, rel=1e-12)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, keep in bool_masks(out, shapes_of(out)).items():
+            parameters[name].masked_fill_(~keep, 0.0)
+    assert perplexity() == pytest.approx(result.eval_pruned, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule, more", [("layer", ["prune.rule=layer", "prune.sparsity=0.7"]),
+                                        ("nm", ["prune.rule=nm", "prune.n=2", "prune.m=4", "prune.sparsity=0.5"])])
+def test_layer_and_nm_rules_keep_exactly_what_they_promise(tiny_folders, tmp_path, rule, more):
+    out = tmp_path / f"{rule}.h5"
+    prune_folder(tiny_folders.llama, tiny_folders, out, *more)
+    for name, keep in bool_masks(out, shapes_of(out)).items():
+        if rule == "layer":
+            assert int(keep.sum()) == keep.numel() - prune_count(0.7, keep.numel()), name
+        else:
+            assert (keep.reshape(keep.shape[0], -1, 4).sum(dim=2) == 2).all(), name
+
+
+def test_wanda_reconstructs_the_layers_better_than_magnitude(tiny_folders, tmp_path):
+    """The tiny LLaMA has a few loud input channels (tests/tiny_llm.py): Wanda keeps their weights."""
+    errors = {}
+    for criterion in ("wanda", "magnitude"):
+        out = tmp_path / f"{criterion}.h5"
+        prune_folder(tiny_folders.llama, tiny_folders, out, f"prune.criterion={criterion}", "prune.rule=row")
+        errors[criterion] = np.array([row["error"] for row in round_tables(out, 1)["reconstruction"]])
+    assert errors["wanda"].mean() < 0.5 * errors["magnitude"].mean()
+    assert (errors["wanda"] < errors["magnitude"]).mean() > 0.8
+
+
+def test_only_one_block_is_in_memory_at_a_time(tiny_folders, tmp_path, monkeypatch):
+    seen = []
+    load = LazyModel.load_block
+
+    def watched(self, index):
+        assert self.materialised() == [], f"before block {index}: {self.materialised()} still loaded"
+        block = load(self, index)
+        seen.append((index, sorted(self.materialised())))
+        return block
+
+    monkeypatch.setattr(LazyModel, "load_block", watched)
+    prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "run.h5")
+    assert [index for index, _ in seen] == [0, 1, 2]
+    for index, names in seen:
+        assert names and all(name.startswith(f"model.layers.{index}.") for name in names), names
+
+
+def test_blocks_run_one_by_one_give_the_whole_models_outputs_bit_for_bit(tiny_folders):
+    """Sharded and single-file, fp32 and bf16, tied head, LLaMA, OPT and BERT: the lazy path is the model."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from hpcprune.models.block_calls import (
+        BlockRunner,
+        capture_first_call,
+        model_outputs,
+    )
+
+    ids = torch.tensor([[5, 9, 7, 12, 30, 4, 18, 22, 6, 11]])
+    for folder in (tiny_folders.llama, tiny_folders.llama_tied, tiny_folders.opt, tiny_folders.bert):
+        lazy = LazyModel(f"hf:{folder}", None, torch.device("cpu"))
+        inputs = {"input_ids": ids} if lazy.causal else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with lazy.outer_modules_on_call():
+            hidden, call = capture_first_call(lazy.model, lazy.blocks, inputs)
+        runner = BlockRunner(torch.device("cpu"))
+        for index in range(len(lazy)):
+            hidden = runner(lazy.load_block(index), hidden, call)
+            lazy.release_block(index)
+        with lazy.outer_modules_on_call():
+            ours = model_outputs(lazy.model, lazy.blocks, inputs, hidden, runner.as_tuple)
+        assert lazy.materialised() == []
+        whole = (AutoModelForCausalLM if lazy.causal else AutoModel).from_pretrained(folder).float().eval()
+        with torch.no_grad():
+            theirs = whole(**inputs)
+        field = "logits" if lazy.causal else "last_hidden_state"
+        assert torch.equal(getattr(ours, field), getattr(theirs, field)), folder
+
+
+def test_activations_spilled_to_disk_give_the_same_masks_and_are_cleaned_up(tiny_folders, tmp_path, monkeypatch):
+    folders = []
+    store = activations.WindowStore.__init__
+
+    def noted(self, folder=None):
+        folders.append(folder)
+        store(self, folder)
+
+    monkeypatch.setattr(activations.WindowStore, "__init__", noted)
+    prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "memory.h5")
+    assert folders and all(folder is None for folder in folders)
+    folders.clear()
+    prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "spilled.h5", "sequential.activation_budget_mb=0.01")
+    assert folders and all(folder is not None and "spilled.states/activations/rank-0" in str(folder) for folder in folders)
+    assert_same_masks(tmp_path / "spilled.h5", tmp_path / "memory.h5")
+    assert not any((tmp_path / "spilled.states" / "activations").rglob("*.safetensors"))
+
+
+def test_dense_propagation_calibrates_later_blocks_on_the_dense_activations(tiny_folders, tmp_path):
+    prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "pruned.h5")
+    prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "dense.h5", "sequential.propagate=dense")
+    pruned, dense = archive_masks(tmp_path / "pruned.h5", 1), archive_masks(tmp_path / "dense.h5", 1)
+    differ = {name for name in pruned if not np.array_equal(pruned[name], dense[name])}
+    assert differ and not any(name.startswith("model.layers.0.") for name in differ)  # block 0 sees the same inputs
+
+
+def test_encoders_and_opt_run_too(tiny_folders, tmp_path):
+    bert = prune_folder(tiny_folders.bert, tiny_folders, tmp_path / "bert.h5")
+    assert bert.eval_metric == "cosine" and bert.eval_dense == 1.0 and 0.5 < bert.eval_pruned < 1.0
+    masks = bool_masks(tmp_path / "bert.h5", shapes_of(tmp_path / "bert.h5"))
+    assert len(masks) == 12 and all(name.startswith("encoder.layer.") for name in masks)
+    opt = prune_folder(tiny_folders.opt, tiny_folders, tmp_path / "opt.h5", "prune.rule=layer")
+    assert opt.eval_metric == "perplexity" and opt.achieved_sparsity == 0.5
+
+
+def test_magnitude_needs_no_text_and_a_finished_run_resumes_to_its_figures(tiny_folders, tmp_path):
+    out = tmp_path / "magnitude.h5"
+    overrides = sequential_overrides(tiny_folders.llama, tiny_folders, out, "prune.criterion=magnitude",
+                                     "prune.rule=row", "calibration.text=null", "eval.text=null")
+    first = run(load_config(None, overrides), SingleWorld(), force=True)
+    assert math.isnan(first.eval_dense) and all(math.isnan(row["error"]) for row in round_tables(out, 1)["reconstruction"])
+    before = out.read_bytes()
+    again = run(load_config(None, overrides), SingleWorld(), resume=True)
+    assert again.kept == first.kept and again.achieved_sparsity == 0.5
+    with h5py.File(out, "r") as archive:  # only a resume event was added
+        assert [row["kind"].decode() for row in archive["events"][()]] == ["start", "finish", "resume"]
+    assert len(out.read_bytes()) >= len(before)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=lenet5", "model.name must be hf:<folder>"),
+    ("finetune.epochs=1", "prunes without training"),
+    ("fanout.backend=inline", "runs in this job's own ranks"),
+    ("prune.rule=global", "prune.rule must be one of row, layer, nm"),
+    ("prune.criterion=taylor", "is not one of its criteria"),
+    ("calibration.text=null", "reads calibration windows"),
+])
+def test_what_the_sequential_schedule_cannot_do_is_refused_by_the_config(tiny_folders, tmp_path, override, message):
+    with pytest.raises(UsageError, match=message):
+        load_config(None, sequential_overrides(tiny_folders.llama, tiny_folders, tmp_path / "x.h5", override))
+
+
+def test_refusals_found_at_run_time_name_the_key(tiny_folders, tmp_path):
+    with pytest.raises(UsageError, match="not a multiple of prune.m=3"):
+        prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "a.h5", "prune.rule=nm", "prune.n=1", "prune.m=3",
+                     "prune.sparsity=0.6666666666666667")
+    with pytest.raises(UsageError, match="model.blocks 'model.norm'"):
+        prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "b.h5", "model.blocks=model.norm")
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()  # refused before the archive
+
+
+def test_ambiguous_blocks_are_named_and_model_blocks_chooses(tmp_path):
+    from transformers import BartConfig, BartModel
+
+    config = BartConfig(vocab_size=40, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    BartModel(config).save_pretrained(tmp_path)
+    skeleton = build_skeleton(f"hf:{tmp_path}")
+    with pytest.raises(UsageError, match=r"ambiguous: (encoder|decoder)\.layers .*, (encoder|decoder)\.layers .*model\.blocks"):
+        find_blocks(skeleton, None, "hf:bart")
+    assert find_blocks(skeleton, "decoder.layers", "hf:bart")[0] == "decoder.layers"
