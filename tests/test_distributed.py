@@ -36,6 +36,9 @@ CASES = [
     "wanda-row:prune.criterion=wanda;prune.rule=row",
     "taylor-global:prune.criterion=taylor;calibration.batch_size=48",
     "snip-layer:prune.criterion=snip;prune.rule=layer;calibration.batch_size=48",
+    # fewer calibration batches than ranks (a rank without any), and 3 batches on 2 or 4 ranks
+    "wanda-one-batch:prune.criterion=wanda;prune.rule=row;calibration.batches=1",
+    "snip-three-batches:prune.criterion=snip;calibration.batches=3;calibration.batch_size=40",
     "lamp-global:prune.criterion=lamp",
     "nm-2of4:prune.rule=nm;prune.sparsity=0.5;prune.exclude=[conv1.weight, conv2.weight]",
     "protected:prune.min_density=0.3;prune.sparsity=0.6",

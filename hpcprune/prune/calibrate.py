@@ -4,13 +4,12 @@
 
 Calibration batch b is samples [b*batch_size, (b+1)*batch_size) of `calibration.split` in its stored
 order, and rank r computes the batches b with b mod size == r: the same batches whatever the world
-size. Each rank sums its batches in float64 and one allreduce per statistic adds the ranks' sums
-(the input norms of all tensors travel in one array; gradients, model-sized, go tensor by tensor so
-the buffer stays one tensor big). Per batch the float32 terms are exact in float64; the sum over
-batches is float64, so another grouping of batches (another world size) moves a sum by about 1e-16
-relative, and the float32 statistic the criteria read changes only if the sum lies that close to a
-float32 rounding boundary (odds of about 1e-8 per value). tests/test_calibrate.py and the mask cases
-of tests/test_distributed.py check bit-identical statistics and masks for 1 to 4 ranks.
+size, and a rank may get none (fewer batches than ranks). A batch is the unit: its statistic is one
+float64 term, computed the same way on whichever rank holds it, and the terms of all batches are
+added with `hpcprune.dist.exact_sum` (int64 fixed point, one rounding per term), so the totals have
+the same bits for 1, 2, 3 or 4 ranks and any batch count. Input norms and gradients are reduced
+tensor by tensor. tests/test_calibrate.py and the mask cases of tests/test_distributed.py check
+bit-identical statistics and masks for 1 to 4 ranks.
 
 Statistics (float32 after the reduction, on every rank):
 - input_norms (wanda): ‖X_j‖₂ of every input feature j of a prunable module, over all samples and
@@ -19,7 +18,9 @@ Statistics (float32 after the reduction, on every rank):
   order of the weight's flat input dimension, so |W| * norm is Wanda's score for convolutions too.
 - gradients (taylor, snip): ∂L/∂w of the mean cross-entropy over all calibration samples, with the
   model in eval mode (no dropout, BatchNorm's running statistics untouched). `sensitivity_total` is
-  the sum of |g·w| over every prunable weight, SNIP's normaliser.
+  the sum of |g·w| over every prunable weight, SNIP's normaliser: every rank computes it over all
+  tensors in plan order from the exact mean gradients (numpy's fixed pairwise sums), so it does not
+  depend on which rank owns which tensor.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from hpcprune.config import CalibrationConfig
+from hpcprune.dist.exact_sum import ExactSum, SpreadTooWide, reduce_exactly
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
 from hpcprune.prune.masks import unwrap
@@ -52,6 +54,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
 # (inputs, targets or None): one calibration batch, inputs as the model's forward takes them
 Batch = tuple[object, torch.Tensor | None]
 
+RETRIES = 3  # passes with fewer fixed-point bits after a SpreadTooWide, before giving up
+
 
 @dataclass
 class Statistics:
@@ -63,18 +67,29 @@ class Statistics:
 
 def calibrate(model: nn.Module, plan: Plan, batches: "CalibrationBatches", world: World, criterion: str,
               device: torch.device) -> Statistics:
-    """The statistics `criterion` needs, identical on every rank."""
+    """The statistics `criterion` needs, identical on every rank for any world size."""
+    bits = None
+    for _ in range(RETRIES):
+        try:
+            return _calibrate_once(model, plan, batches, world, criterion, device, bits)
+        except SpreadTooWide as refused:  # raised on every rank alike: all pass again with the same bits
+            bits = refused.mantissa_bits if bits is None else min(bits, refused.mantissa_bits)
+    raise RuntimeError(f"calibration: the batches' scales still differ too much after {RETRIES} passes")
+
+
+def _calibrate_once(model, plan: Plan, batches, world: World, criterion: str, device, bits: int | None) -> Statistics:
     needs = NEEDS.get(criterion, ())
     module = unwrap(model)
     weights = _prunable_weights(module, plan)
     was_training = module.training
     module.eval()
     try:
-        with _InputNormHooks(module, plan, enabled=INPUT_NORMS in needs) as norms:
-            sums = _zero_sums(weights, device) if GRADIENTS in needs else {}
+        with _InputNormHooks(module, plan, batches.count, device, bits, enabled=INPUT_NORMS in needs) as norms:
+            sums = _gradient_sums(weights, batches.count, device, bits) if GRADIENTS in needs else {}
             samples = 0
             for inputs, targets in batches.mine(world):
                 samples += _accumulate(module, inputs, targets, weights, sums, device, criterion)
+                norms.end_batch()
     finally:
         module.train(was_training)
     total_samples = int(world.allreduce_sum(np.array([samples], dtype=np.int64))[0])
@@ -82,7 +97,7 @@ def calibrate(model: nn.Module, plan: Plan, batches: "CalibrationBatches", world
         raise UsageError("calibration: no calibration samples (calibration.batches or the split is empty)")
     statistics = Statistics(samples=total_samples)
     if INPUT_NORMS in needs:
-        statistics.input_norms = _reduce_norms(norms.sums, plan, world)
+        statistics.input_norms = _reduce_norms(norms, plan, world)
     if GRADIENTS in needs:
         statistics.gradients, statistics.sensitivity_total = _reduce_gradients(sums, weights, plan, world, total_samples)
     return statistics
@@ -93,8 +108,15 @@ def _prunable_weights(module: nn.Module, plan: Plan) -> dict[str, nn.Parameter]:
     return {spec.name: params[spec.name] for spec in plan.tensors}
 
 
-def _zero_sums(weights: dict[str, nn.Parameter], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: torch.zeros(weight.shape, dtype=torch.float64, device=device) for name, weight in weights.items()}
+def _gradient_sums(weights: dict[str, nn.Parameter], batches: int, device, bits: int | None) -> dict[str, ExactSum]:
+    return {name: _exact_sum(weight.shape, batches, device, bits) for name, weight in weights.items()}
+
+
+def _exact_sum(shape, terms: int, device, bits: int | None) -> ExactSum:
+    total = ExactSum.of(shape, terms, device)
+    if bits is not None:
+        total.mantissa_bits = bits
+    return total
 
 
 def _accumulate(module, inputs, targets, weights, sums, device, criterion) -> int:
@@ -110,7 +132,7 @@ def _accumulate(module, inputs, targets, weights, sums, device, criterion) -> in
     loss = F.cross_entropy(logits, targets.to(device), reduction="sum")  # summed: the mean is taken over all ranks
     grads = torch.autograd.grad(loss, list(weights.values()))  # leaves .grad alone: training state untouched
     for name, grad in zip(weights, grads):
-        sums[name] += grad.to(torch.float64)
+        sums[name].add(grad)  # this batch's term
     return len(targets)
 
 
@@ -130,33 +152,28 @@ def _batch_size(inputs) -> int:
     return len(first)
 
 
-def _reduce_norms(sums: dict[str, torch.Tensor], plan: Plan, world: World) -> dict[str, torch.Tensor]:
-    """All tensors' squared feature norms in one allreduce, then their square roots as float32."""
+def _reduce_norms(norms: _InputNormHooks, plan: Plan, world: World) -> dict[str, torch.Tensor]:
+    """Every tensor's squared feature norms summed exactly, then their square roots as float32."""
     names = [spec.name for spec in plan.tensors]
-    missing = [name for name in names if name not in sums]
-    if missing:
+    seen = world.allreduce_sum(np.array([norms.batches_seen[name] for name in names], dtype=np.int64))
+    missing = [name for name, count in zip(names, seen) if count == 0]
+    if missing:  # every rank knows: all refuse together
         raise UsageError(f"calibration: no input seen for {missing[0]!r} (its module never ran in the forward)")
-    flat = np.concatenate([sums[name].cpu().numpy() for name in names]) if names else np.zeros(0)
-    total = world.allreduce_sum(flat)
-    norms, offset = {}, 0
-    for name in names:
-        size = sums[name].numel()
-        norms[name] = torch.from_numpy(np.sqrt(total[offset:offset + size])).to(torch.float32)
-        offset += size
-    return norms
+    return {name: reduce_exactly([norms.sums[name]], world)[0].sqrt().to(torch.float32).cpu() for name in names}
 
 
 def _reduce_gradients(sums, weights, plan: Plan, world: World, samples: int) -> tuple[dict[str, torch.Tensor], float]:
-    """Mean gradients of this rank's tensors, and Σ|g·w| over all tensors (one more small allreduce)."""
+    """Mean gradients of this rank's tensors, and Σ|g·w| over all tensors, the same on every rank."""
     local = {spec.name for spec in plan.local(world.rank)}
     gradients, sensitivity = {}, 0.0
-    for spec in plan.tensors:  # every rank takes part in every tensor's allreduce, in the same order
-        total = world.allreduce_sum(sums.pop(spec.name).cpu().numpy()) / samples
+    for spec in plan.tensors:  # every rank takes part in every tensor's reduction, in the same order
+        (total,) = reduce_exactly([sums.pop(spec.name)], world)
+        gradient = (total / samples).to(torch.float32).cpu()
+        weight = weights[spec.name].detach().cpu().numpy().astype(np.float64)
+        sensitivity += float(np.abs(gradient.numpy().astype(np.float64) * weight).sum())
         if spec.name in local:
-            gradient = torch.from_numpy(total).to(torch.float32)
             gradients[spec.name] = gradient
-            sensitivity += float((gradient.double() * weights[spec.name].detach().cpu().double()).abs().sum())
-    return gradients, float(world.allreduce_sum(np.array([sensitivity], dtype=np.float64))[0])
+    return gradients, sensitivity
 
 
 # --- input norms -----------------------------------------------------------------------------
@@ -177,16 +194,20 @@ def feature_squares(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 class _InputNormHooks:
-    """Forward pre-hooks on the modules of prunable weights, adding up their inputs' squared features."""
+    """Forward pre-hooks on the modules of prunable weights: each batch's squared input features, one
+    exact-sum term per batch and tensor (`end_batch`)."""
 
-    def __init__(self, module: nn.Module, plan: Plan, *, enabled: bool):
-        names = {spec.name for spec in plan.tensors} if enabled else set()
+    def __init__(self, module: nn.Module, plan: Plan, batches: int, device, bits: int | None, *, enabled: bool):
+        specs = {spec.name: spec for spec in plan.tensors} if enabled else {}
         self._modules = {}  # weight name -> the module it belongs to
         for name, child in module.named_modules():
             weight = f"{name}.weight" if name else "weight"
-            if weight in names:
+            if weight in specs:
                 self._modules[weight] = child
-        self.sums: dict[str, torch.Tensor] = {}
+        # One sum per tensor, made before any batch: a rank without batches adds empty sums in the same order.
+        self.sums = {name: _exact_sum((spec.numel // spec.shape[0],), batches, device, bits) for name, spec in specs.items()}
+        self.batches_seen = dict.fromkeys(specs, 0)
+        self._batch: dict[str, torch.Tensor] = {}
         self._handles = []
 
     def __enter__(self) -> _InputNormHooks:
@@ -197,8 +218,14 @@ class _InputNormHooks:
     def _hook(self, weight_name: str) -> Callable:
         def add(module, args):
             squares = feature_squares(module, args[0])
-            self.sums[weight_name] = self.sums[weight_name] + squares if weight_name in self.sums else squares
+            self._batch[weight_name] = self._batch[weight_name] + squares if weight_name in self._batch else squares
         return add
+
+    def end_batch(self) -> None:
+        for weight_name, term in self._batch.items():
+            self.sums[weight_name].add(term)
+            self.batches_seen[weight_name] += 1
+        self._batch = {}
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
