@@ -35,6 +35,8 @@ POINTS = {
     "write_mask": ("hpcprune.archive.writer", "_write_mask", "after"),  # a round half written
     "commit": ("hpcprune.archive.writer", "_commit", "before"),  # data written, round not yet marked complete
     "mark_checkpoint": ("hpcprune.archive.writer:Archive", "mark_checkpoint", "before"),  # round complete, checkpoint not moved
+    "block_forward": ("hpcprune.models.block_calls", "call_block", "before"),  # a window through a block (sequential)
+    "record_block": ("hpcprune.archive.blocks:BlockRecords", "record_block", "after"),  # a block's masks just recorded
 }
 
 counts: Counter[str] = Counter()

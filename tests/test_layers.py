@@ -112,6 +112,7 @@ def test_the_registry_names_exactly_what_the_code_implements():
     from hpcprune.prune.rules import RULES
     from hpcprune.prune.schedule import SCHEDULES
     from hpcprune.prune.scoring import CRITERIA
+    from hpcprune.prune.sequential.methods import METHODS
 
     assert set(registry.WEIGHT_CRITERIA) == set(CRITERIA)
     assert set(registry.CHANNEL_CRITERIA) == set(CHANNEL_CRITERIA)
@@ -119,6 +120,8 @@ def test_the_registry_names_exactly_what_the_code_implements():
     assert set(registry.WEIGHT_RULES) == set(RULES)
     assert set(registry.CHANNEL_RULES) == set(CHANNEL_RULES)
     assert set(registry.SCHEDULES) == set(SCHEDULES)
+    assert set(registry.BLOCK_CRITERIA) == set(METHODS)
+    assert set(registry.BLOCK_CALIBRATED) == {name for name, method in METHODS.items() if method.statistics}
     assert set(registry.CHANNEL_SCHEDULES) <= set(SCHEDULES)
     for module_and_class, _ in registry.FANOUT_BACKENDS.values():
         module, _, attribute = module_and_class.partition(":")
