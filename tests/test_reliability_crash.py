@@ -107,6 +107,32 @@ def kill_schedule(counts: list[dict[str, int]], seed: int) -> list[tuple[str, in
     return moments
 
 
+def kill_chains(out: Path, moments, kills: int, attempt, *, finished, killed) -> set[str]:
+    """Resume `out` under each kill of `moments` in turn until `kills` of them happened; the points hit.
+
+    `attempt(kill, rank)` runs the resume with HPCPRUNE_TEST_KILL=kill on `rank`. A resume that ends
+    before reaching its kill is checked with `finished()` and the chain starts again from nothing; after
+    each kill, `killed()` checks what a reader finds."""
+    happened, points = 0, set()
+    for point, nth, rank in moments:
+        if happened == kills:
+            break
+        done = attempt(f"{point}:{nth}", rank)
+        if done.returncode == 0:  # the resumed run ended before reaching that moment
+            finished()
+            out.unlink()
+            shutil.rmtree(out.with_suffix(".states"), ignore_errors=True)
+            continue
+        # The kill happened (the surviving rank may report its broken collective first), and nothing else failed.
+        assert Path(f"{out}.killed").read_text() == f"{point}:{nth} on rank {rank}", done.stderr
+        Path(f"{out}.killed").unlink()
+        happened += 1
+        points.add(point)
+        killed()
+    assert happened == kills, (happened, points)
+    return points
+
+
 def test_twenty_random_kills_under_mpirun_resume_to_the_uninterrupted_run(mpirun, tmp_path):
     launcher = [mpirun, "-n", "2"]
     reference, count = tmp_path / "reference.h5", tmp_path / "counts"
@@ -116,24 +142,11 @@ def test_twenty_random_kills_under_mpirun_resume_to_the_uninterrupted_run(mpirun
     stages = {"score", "allreduce", "batch", "write_mask", "commit", "save_state"}
     assert stages <= counts[0].keys()  # the moments cover scoring, selection, fine-tuning and writing
 
-    out, kills, points, chains = tmp_path / "run.h5", 0, set(), 0
-    for point, nth, rank in kill_schedule(counts, seed=8):
-        if kills == KILLS:
-            break
-        attempt = crash_run(out, "--resume", launcher=launcher, kill=f"{point}:{nth}", rank=rank)
-        if attempt.returncode == 0:  # the resumed run ended before reaching that moment
-            assert_same_run(out, reference)
-            out.unlink()
-            shutil.rmtree(out.with_suffix(".states"), ignore_errors=True)
-            chains += 1
-            continue
-        # The kill happened (the surviving rank may report its broken collective first), and nothing else failed.
-        assert Path(f"{out}.killed").read_text() == f"{point}:{nth} on rank {rank}", attempt.stderr
-        Path(f"{out}.killed").unlink()
-        kills += 1
-        points.add(point)
-        assert_consistent(out)
-    assert kills == KILLS and len(points) >= 6, (kills, points)
+    out = tmp_path / "run.h5"
+    points = kill_chains(out, kill_schedule(counts, seed=8), KILLS,
+                         lambda kill, rank: crash_run(out, "--resume", launcher=launcher, kill=kill, rank=rank),
+                         finished=lambda: assert_same_run(out, reference), killed=lambda: assert_consistent(out))
+    assert len(points) >= 6, points
 
     finished = crash_run(out, "--resume", launcher=launcher)
     assert finished.returncode == 0, finished.stderr

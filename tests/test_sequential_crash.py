@@ -23,7 +23,7 @@ from hpcprune.archive.blocks import recorded_blocks, round_tables
 from hpcprune.archive.reader import open_archive
 from hpcprune.dist.signals import PREEMPTED_EXIT
 from tests.helpers import ROOT, archive_masks, launch, mpi_env
-from tests.test_reliability_crash import kill_schedule
+from tests.test_reliability_crash import kill_chains, kill_schedule
 from tests.tiny_llm import Folders, sequential_overrides
 
 KILLS = 10
@@ -76,24 +76,18 @@ def test_ten_random_kills_under_mpirun_resume_to_the_uninterrupted_run(mpirun, m
     counts = [json.loads(Path(f"{count}.{rank}").read_text()) for rank in (0, 1)]
     assert {"block_forward", "record_block", "allreduce", "broadcast", "write_mask", "commit"} <= counts[0].keys()
 
-    out, kills, points = tmp_path / "run.h5", 0, set()
-    for point, nth, rank in kill_schedule(counts, seed=13):
-        if kills == KILLS:
-            break
-        attempt = crash_run(tiny_folders, out, "--resume", launcher=launcher, kill=f"{point}:{nth}", rank=rank)
-        if attempt.returncode == 0:  # this resumed run ended before reaching that moment: start a new chain
-            assert run_facts(out) == run_facts(reference)
-            out.unlink()
-            continue
-        assert Path(f"{out}.killed").read_text() == f"{point}:{nth} on rank {rank}", attempt.stderr
-        Path(f"{out}.killed").unlink()
-        kills += 1
-        points.add(point)
-        assert_consistent(out)
-    assert kills == KILLS and len(points) >= 4, (kills, points)
+    out = tmp_path / "run.h5"
+    points = kill_chains(out, kill_schedule(counts, seed=13), KILLS,
+                         lambda kill, rank: crash_run(tiny_folders, out, "--resume", launcher=launcher, kill=kill, rank=rank),
+                         finished=lambda: assert_same_facts(out, reference), killed=lambda: assert_consistent(out))
+    assert len(points) >= 4, points
     finished = crash_run(tiny_folders, out, "--resume", launcher=launcher)
     assert finished.returncode == 0, finished.stderr
-    assert run_facts(out) == run_facts(reference)
+    assert_same_facts(out, reference)
+
+
+def assert_same_facts(mine: Path, reference: Path) -> None:
+    assert run_facts(mine) == run_facts(reference)
 
 
 def test_sigusr1_stops_at_the_next_block_and_resume_gives_the_uninterrupted_run(tiny_folders, tmp_path):
