@@ -1,7 +1,8 @@
 """Floor 1, config: the run's settings, read from YAML and `--set` overrides, validated and frozen.
 
-What lives here: the sections (`sections`), the cross-section checks of `RunConfig` (`schema`), and
-reading files and overrides (`loading`). It may import only `hpcprune.errors` and
+What lives here: the sections (`sections`), the cross-section checks of `RunConfig` (`schema`), the
+block-sequential pipeline's sections and limits (`sequential`), and reading files and overrides
+(`loading`). It may import only `hpcprune.errors` and
 `hpcprune.registry`: names that code further up implements are validated against the registry,
 so nothing here imports torch. Everything above reads its settings from these classes.
 """

@@ -2,7 +2,7 @@
 
 What lives here: the `World` interface (`world`) and its backends (`mpi` over mpi4py,
 `torch_dist` over gloo), launcher detection (`detect`), DistributedDataParallel set-up (`ddp`),
-preemption signals and the safe points where ranks stop together (`signals`), and per-rank log
-lines (`logs`). It may import `archive`, `config` and the bottom floor; everything above is written
+preemption signals and the safe points where ranks stop together (`signals`), per-rank log
+lines (`logs`), and sums with the same bits for any world size (`exact_sum`). It may import `archive`, `config` and the bottom floor; everything above is written
 once against `World`.
 """

@@ -19,7 +19,7 @@ import numpy as np
 
 from hpcprune.dist.exact_sum import ExactSum, reduce_exactly
 from hpcprune.dist.world import World
-from hpcprune.models.block_calls import BlockRunner, model_outputs
+from hpcprune.models.block_calls import BlockRunner, model_outputs, moved
 from hpcprune.models.evaluation import (
     mean_pooled,
     perplexity,
@@ -52,7 +52,7 @@ def _perplexities(lazy, dense: Stream, pruned: Stream, windows: int, world: Worl
     sums = [ExactSum.of((1,), windows), ExactSum.of((1,), windows)]
     tokens = 0
     for position in range(len(dense)):
-        inputs = dense.inputs[position]
+        inputs = moved(dense.inputs[position], lazy.device)
         ids = inputs["input_ids"][0]
         for stream, total in zip((dense, pruned), sums):
             logits = model_outputs(lazy.model, lazy.blocks, inputs, stream.store.get(position).to(lazy.device),
@@ -68,7 +68,7 @@ def _cosine(lazy, dense: Stream, pruned: Stream, windows: int, world: World, run
     total = ExactSum.of((1,), windows)
     base = getattr(lazy.model, "base_model", lazy.model)  # its output has the last hidden state
     for position in range(len(dense)):
-        inputs, keep = dense.inputs[position], dense.keeps[position]
+        inputs, keep = moved(dense.inputs[position], lazy.device), dense.keeps[position]
         pooled = [mean_pooled(model_outputs(base, lazy.blocks, inputs, stream.store.get(position).to(lazy.device),
                                             runner.as_tuple).last_hidden_state[0], keep)
                   for stream in (pruned, dense)]

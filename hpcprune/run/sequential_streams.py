@@ -21,7 +21,7 @@ import torch
 from hpcprune.archive.writer import state_path
 from hpcprune.config import RunConfig
 from hpcprune.dist.world import World
-from hpcprune.models.block_calls import capture_first_call, share_equal
+from hpcprune.models.block_calls import capture_first_call, moved, share_equal
 from hpcprune.models.lazy import LazyModel
 from hpcprune.models.text_windows import (
     calibration_windows,
@@ -106,7 +106,7 @@ def first_block_inputs(config: RunConfig, lazy: LazyModel, world: World, calibra
     with lazy.outer_modules_on_call():
         for stream, text in ((streams.calibration, calibration), (streams.eval_dense, evaluation)):
             for position, window in enumerate([] if stream is None else stream.windows):
-                hidden, call = capture_first_call(lazy.model, lazy.blocks, stream.inputs[position])
+                hidden, call = capture_first_call(lazy.model, lazy.blocks, moved(stream.inputs[position], lazy.device))
                 previous = share_equal(call, previous)
                 stream.calls.append(previous)
                 stream.store.put(position, hidden)
