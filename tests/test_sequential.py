@@ -25,7 +25,7 @@ from hpcprune.models.text_windows import eval_windows
 from hpcprune.prune.selection import prune_count
 from hpcprune.prune.sequential import activations
 from hpcprune.run.pipeline import run
-from tests.helpers import archive_masks, assert_same_masks
+from tests.helpers import CONFIGS, archive_masks, assert_same_masks, run_cli
 from tests.tiny_llm import sequential_overrides
 
 LLAMA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -243,3 +243,19 @@ def test_ambiguous_blocks_are_named_and_model_blocks_chooses(tmp_path):
     with pytest.raises(UsageError, match=r"ambiguous: (encoder|decoder)\.layers .*, (encoder|decoder)\.layers .*model\.blocks"):
         find_blocks(skeleton, None, "hf:bart")
     assert find_blocks(skeleton, "decoder.layers", "hf:bart")[0] == "decoder.layers"
+
+
+def test_the_documented_config_runs_end_to_end_and_the_cli_refuses_in_one_line(tiny_folders, tmp_path):
+    out = tmp_path / "llm.h5"
+    finished = run_cli("prune", "--config", str(CONFIGS / "llm_wanda.yaml"), "--out", str(out), "-q",
+                       "--set", f"model.name=hf:{tiny_folders.llama}", "--set", f"calibration.text={tiny_folders.calibration}",
+                       "--set", "calibration.samples=4", "--set", "calibration.sequence_length=16",
+                       "--set", f"eval.text={tiny_folders.evaluation}", "--set", "eval.sequence_length=32")
+    assert finished.returncode == 0, finished.stderr
+    lines = finished.stdout.splitlines()
+    assert lines[0] == f"archive {out}" and lines[1].startswith("dense perplexity ") and lines[2].startswith("pruned perplexity ")
+    assert "sparsity             50.0000 % achieved, 50.0000 % asked" in finished.stdout
+    refused = run_cli("prune", "--config", str(CONFIGS / "llm_wanda.yaml"), "--out", str(tmp_path / "no.h5"),
+                      "--set", "model.name=lenet5")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("hpcprune: error: ") and "model.name must be hf:<folder>" in refused.stderr
