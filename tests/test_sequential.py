@@ -233,6 +233,14 @@ def test_refusals_found_at_run_time_name_the_key(tiny_folders, tmp_path):
     assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()  # refused before the archive
 
 
+def test_blocks_without_linear_layers_are_refused_by_name(tiny_folders, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match=r"the blocks transformer\.h hold no nn\.Linear layer .*Conv1D"):
+        prune_folder(tmp_path, tiny_folders, tmp_path / "gpt2.h5")
+
+
 def test_ambiguous_blocks_are_named_and_model_blocks_chooses(tmp_path):
     from transformers import BartConfig, BartModel
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import pytest
 
+from hpcprune import registry
 from hpcprune.archive.blocks import round_tables
 from tests.helpers import assert_same_masks, launch, torchrun
 
@@ -57,6 +58,13 @@ def assert_same_runs(mine: Path, reference: Path) -> None:
         assert figures(ours) == figures(theirs), name  # the exact sums: the same float64 bits
         errors = [[(row["name"], row["error"]) for row in round_tables(path, 1)["reconstruction"]] for path in (ours, theirs)]
         assert str(errors[0]) == str(errors[1]), name  # str: NaN equals NaN
+
+
+def test_the_cases_cover_every_block_criterion_and_rule():
+    """A criterion or rule added to the sequential pipeline cannot skip the world-size comparison."""
+    settings = [dict(item.split("=", 1) for item in case.split(":", 2)[2].split(";") if item) for case in CASES]
+    assert set(registry.BLOCK_CRITERIA) <= {case.get("prune.criterion", "wanda") for case in settings}
+    assert set(registry.BLOCK_RULES) <= {case.get("prune.rule", "row") for case in settings}
 
 
 def test_the_cases_measure_what_they_claim(one_process):
