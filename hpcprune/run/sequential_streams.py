@@ -13,6 +13,7 @@ tensors of different windows shared.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,13 +85,17 @@ class Streams:
     calibration: Stream | None
     eval_dense: Stream | None
     eval_pruned: Stream | None
+    spill_folder: Path | None = None  # the rank's folder of spilled hidden states, None: in memory
 
     def all(self) -> list[Stream]:
         return [stream for stream in (self.calibration, self.eval_dense, self.eval_pruned) if stream is not None]
 
     def remove(self) -> None:
+        """Drop every stream's hidden states, and the rank's spill folder with whatever is left in it."""
         for stream in self.all():
             stream.store.remove()
+        if self.spill_folder is not None:
+            shutil.rmtree(self.spill_folder, ignore_errors=True)
 
 
 def first_block_inputs(config: RunConfig, lazy: LazyModel, world: World, calibration: TextWindows | None,
@@ -101,6 +106,7 @@ def first_block_inputs(config: RunConfig, lazy: LazyModel, world: World, calibra
         _stream("calibration", calibration, world, folder),
         _stream("eval_dense", evaluation, world, folder),
         _stream("eval_pruned", evaluation, world, folder),
+        folder,
     )
     previous = None
     with lazy.outer_modules_on_call():

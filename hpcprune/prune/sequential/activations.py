@@ -58,7 +58,7 @@ class WindowStore:
             return
         shutil.rmtree(self.folder)
         other.folder.rename(self.folder)
-        other.folder.mkdir()
+        other.folder.mkdir()  # `other` stays a usable, empty store
 
     def remove(self) -> None:
         self._memory = {}
