@@ -24,6 +24,7 @@ from hpcprune.models.skeleton import build_skeleton, find_blocks
 from hpcprune.models.text_windows import eval_windows
 from hpcprune.prune.selection import prune_count
 from hpcprune.prune.sequential import activations
+from hpcprune.read.summary import render_summary, summary
 from hpcprune.run.pipeline import run
 from tests.helpers import CONFIGS, archive_masks, assert_same_masks, run_cli
 from tests.tiny_llm import sequential_overrides
@@ -68,6 +69,13 @@ def test_wanda_prunes_every_row_exactly_and_the_round_records_each_block(tiny_fo
     assert attrs["eval_dense"] == result.eval_dense and attrs["eval_pruned"] == result.eval_pruned
     assert 1 < result.eval_dense < 200 and result.eval_pruned != result.eval_dense
     assert not (tmp_path / "wanda.states" / "activations").exists()
+
+    facts = summary(out)  # what `hpcprune inspect` shows of it
+    assert facts["sequential"]["eval"] == {"metric": "perplexity", "dense": result.eval_dense, "pruned": result.eval_pruned}
+    assert [(block["block"], block["layers"], block["sparsity"]) for block in facts["sequential"]["blocks"]] == \
+        [(0, 7, 0.5), (1, 7, 0.5), (2, 7, 0.5)]
+    assert [layer["error"] for layer in facts["layers"]] == [row["error"] for row in tables["reconstruction"]]
+    assert "reconstruction error" in render_summary(facts) and "eval      perplexity: dense" in render_summary(facts)
 
 
 def test_the_recorded_perplexities_are_those_of_the_whole_model_dense_and_masked(tiny_folders, tmp_path):

@@ -20,11 +20,12 @@ from hpcprune.archive.reader import ArchiveReader, complete_round, open_archive
 from hpcprune.archive.writer import RESUME_IGNORED_KEYS, _flatten, _yaml_tree
 from hpcprune.config import RunConfig
 from hpcprune.read.score_stats import round_scores
+from hpcprune.read.sequential_summary import render_sequential, sequential_facts
 
 STAGES = ("select", "finetune", "record", "write")  # select includes scoring (scores are computed inside its passes)
 SETBACKS = ("interrupt", "requeue")
 SCORE_COLUMNS = {"score_min": "score min", "score_mean": "mean", "score_std": "std", "score_max": "max",
-                 "max_pruned": "max pruned", "min_kept": "min kept"}
+                 "max_pruned": "max pruned", "min_kept": "min kept", "error": "reconstruction error"}
 
 
 def summary(path: str | Path) -> dict[str, Any]:
@@ -35,6 +36,7 @@ def summary(path: str | Path) -> dict[str, Any]:
     dense = reader.dense
     config = _yaml_tree(reader.config_yaml)
     kinds = [event["kind"] for event in reader.events]
+    sequential = sequential_facts(path, rounds[-1]) if rounds else None  # schedule sequential: figures, blocks
     return finite({
         "path": str(path),
         "format_version": reader.attrs.get("format_version"),
@@ -54,7 +56,9 @@ def summary(path: str | Path) -> dict[str, Any]:
         "num_params": reader.model.get("num_params"),
         "dense": None if dense is None else {key: dense[key] for key in ("accuracy", "loss", "seconds")},
         "rounds": [_round_row(attrs) for attrs in rounds],
-        "layers": [{"shape": _shapes(reader).get(layer["name"], "?"), **layer} for layer in layers],
+        "layers": [{"shape": _shapes(reader).get(layer["name"], "?"), **layer, **_error(sequential, layer)}
+                   for layer in layers],
+        "sequential": sequential,
     })
 
 
@@ -95,6 +99,10 @@ def _round_row(attrs: dict[str, Any]) -> dict[str, Any]:
             "seconds": sum(value for value in stages.values() if not math.isnan(value))}
 
 
+def _error(sequential: dict[str, Any] | None, layer: dict[str, Any]) -> dict[str, Any]:
+    return {} if sequential is None else {"error": sequential["errors"].get(layer["name"])}
+
+
 def _shapes(reader: ArchiveReader) -> dict[str, str]:
     return {param["name"]: param["shape"] for param in reader.params}
 
@@ -124,6 +132,8 @@ def render_summary(facts: dict[str, Any]) -> str:
     if facts["events"]:
         lines += ["events"] + table(*event_table(facts), {0, 1, 2}) + [""]
     lines += table(*round_table(facts), {1, 2}) if facts["rounds"] else ["no complete rounds"]
+    if facts.get("sequential"):
+        lines += [""] + render_sequential(facts["sequential"], table, percent, number)
     if facts["layers"]:
         lines += ["", f"layers of round {facts['rounds'][-1]['index']}"]
         lines += table(*layer_table(facts["layers"]), {0, 1})
