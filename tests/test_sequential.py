@@ -67,7 +67,7 @@ def test_wanda_prunes_every_row_exactly_and_the_round_records_each_block(tiny_fo
         assert "model.embed_tokens.weight" in [row["name"].decode() for row in archive["model/params"][()]]
     assert attrs["status"] == "complete" and attrs["eval_metric"] == "perplexity" and math.isnan(attrs["threshold"])
     assert attrs["eval_dense"] == result.eval_dense and attrs["eval_pruned"] == result.eval_pruned
-    assert 1 < result.eval_dense < 200 and result.eval_pruned != result.eval_dense
+    assert 100 < result.eval_dense < 1000 and result.eval_pruned != result.eval_dense  # random: ~ the 384-token vocabulary
     assert not (tmp_path / "wanda.states" / "activations").exists()
 
     facts = summary(out)  # what `hpcprune inspect` shows of it
@@ -141,7 +141,7 @@ def test_only_one_block_is_in_memory_at_a_time(tiny_folders, tmp_path, monkeypat
 
 
 def test_blocks_run_one_by_one_give_the_whole_models_outputs_bit_for_bit(tiny_folders):
-    """Sharded and single-file, fp32 and bf16, tied head, LLaMA, OPT and BERT: the lazy path is the model."""
+    """Sharded and single-file, fp32 and bf16, a tied head, LLaMA, Gemma, OPT and BERT: the lazy path is the model."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     from hpcprune.models.block_calls import (
@@ -151,7 +151,7 @@ def test_blocks_run_one_by_one_give_the_whole_models_outputs_bit_for_bit(tiny_fo
     )
 
     ids = torch.tensor([[5, 9, 7, 12, 30, 4, 18, 22, 6, 11]])
-    for folder in (tiny_folders.llama, tiny_folders.llama_tied, tiny_folders.opt, tiny_folders.bert):
+    for folder in (tiny_folders.llama, tiny_folders.gemma_tied, tiny_folders.opt, tiny_folders.bert):
         lazy = LazyModel(f"hf:{folder}", None, torch.device("cpu"))
         inputs = {"input_ids": ids} if lazy.causal else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with lazy.outer_modules_on_call():
@@ -163,7 +163,8 @@ def test_blocks_run_one_by_one_give_the_whole_models_outputs_bit_for_bit(tiny_fo
         with lazy.outer_modules_on_call():
             ours = model_outputs(lazy.model, lazy.blocks, inputs, hidden, runner.as_tuple)
         assert lazy.materialised() == []
-        whole = (AutoModelForCausalLM if lazy.causal else AutoModel).from_pretrained(folder).float().eval()
+        # In float32 as the pipeline computes: a bf16 build would round buffers such as Gemma's embedding scale.
+        whole = (AutoModelForCausalLM if lazy.causal else AutoModel).from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
             theirs = whole(**inputs)
         field = "logits" if lazy.causal else "last_hidden_state"
@@ -241,12 +242,9 @@ def test_refusals_found_at_run_time_name_the_key(tiny_folders, tmp_path):
     assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()  # refused before the archive
 
 
-def test_blocks_without_linear_layers_are_refused_by_name(tiny_folders, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(tmp_path)
+def test_blocks_without_linear_layers_are_refused_by_name(tiny_folders, llm_folder, tmp_path):
     with pytest.raises(UsageError, match=r"the blocks transformer\.h hold no nn\.Linear layer .*Conv1D"):
-        prune_folder(tmp_path, tiny_folders, tmp_path / "gpt2.h5")
+        prune_folder(llm_folder("gpt2", layers=2), tiny_folders, tmp_path / "gpt2.h5")
 
 
 def test_ambiguous_blocks_are_named_and_model_blocks_chooses(tmp_path):

@@ -20,7 +20,7 @@ from tests.helpers import assert_same_masks, launch, torchrun
 CASES = [
     "llama-wanda-row:llama:",  # 7 calibration windows: 4 + 3 on two ranks, 3 + 2 + 2 on three
     "llama-two-windows:llama:calibration.samples=2;eval.sequence_length=64",  # a rank of three without windows
-    "llama-dense-spilled:llama_tied:sequential.propagate=dense;sequential.activation_budget_mb=0.01",
+    "llama-dense-spilled:gemma_tied:sequential.propagate=dense;sequential.activation_budget_mb=0.01",
     "opt-magnitude-layer:opt:prune.criterion=magnitude;prune.rule=layer",
     "bert-wanda-nm:bert:prune.rule=nm;prune.n=2;prune.m=4",
 ]

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from hpcprune.archive.codec import EncodedMask
-from hpcprune.archive.reader import _row, open_checked, round_name
+from hpcprune.archive.reader import _row, open_archive, open_checked, round_name
 from hpcprune.archive.update import open_h5
 from hpcprune.archive.writer import (
     HISTORY_DTYPE,
@@ -110,12 +110,10 @@ def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
 
 def recorded_blocks(path: str | Path, index: int) -> list[dict[str, Any]]:
     """The round's `blocks` rows (weights_file absolute, None when empty); [] when the round is not there."""
-    path = Path(path)
-    with open_checked(path) as file:
-        name = f"rounds/{round_name(index)}/blocks"
-        rows = [_row(row) for row in file[name][()]] if name in file else []
-    return [{**row, "weights_file": str((path.parent / row["weights_file"]).absolute()) if row["weights_file"] else None}
-            for row in rows]
+    reader = open_archive(path)
+    if index not in [attrs["index"] for attrs in reader.rounds(include_incomplete=True)]:
+        return []
+    return reader.blocks(index)
 
 
 def read_block_masks(path: str | Path, index: int, names: Sequence[str]) -> dict[str, np.ndarray]:

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from hpcprune.archive.writer import state_path
-from hpcprune.config import RunConfig
+from hpcprune.config import CalibrationConfig, RunConfig
 from hpcprune.dist.world import World
 from hpcprune.models.block_calls import capture_first_call, moved, share_equal
 from hpcprune.models.lazy import LazyModel
 from hpcprune.models.text_windows import (
     calibration_windows,
     eval_windows,
+    read_text,
     sentence_windows,
 )
 from hpcprune.prune.sequential.activations import (
@@ -63,21 +64,25 @@ class TextWindows:
 
 
 def calibration_text(config: RunConfig, lazy: LazyModel) -> TextWindows | None:
-    cfg, folder = config.calibration, str(lazy.files.folder)
+    cfg, folder = config.calibration, lazy.files.folder
     if cfg.text is None:
         return None
     if lazy.causal:
         return TextWindows(calibration_windows(folder, cfg))
-    return TextWindows(*sentence_windows(folder, cfg.text, cfg.sequence_length, cfg.samples))
+    return TextWindows(*sentence_windows(folder, cfg))
 
 
 def evaluation_text(config: RunConfig, lazy: LazyModel) -> TextWindows | None:
-    cfg, folder = config.eval, str(lazy.files.folder)
-    if cfg.text is None:
+    """Causal LMs: consecutive windows of eval.text; encoders: every non-empty line of it, one a window."""
+    text, folder = config.eval.text, lazy.files.folder
+    if text is None:
         return None
+    length = config.eval.sequence_length or config.calibration.sequence_length
     if lazy.causal:
-        return TextWindows(eval_windows(folder, cfg.text, cfg.sequence_length))
-    return TextWindows(*sentence_windows(folder, cfg.text, cfg.sequence_length, None, key="eval.text"))
+        return TextWindows(eval_windows(folder, text, length))
+    lines = sum(1 for line in read_text(text, "eval.text").splitlines() if line.strip())
+    every_line = CalibrationConfig(text=text, sequence_length=length, samples=max(lines, 1))  # order is immaterial:
+    return TextWindows(*sentence_windows(folder, every_line))  # the mean cosine is an exact sum
 
 
 @dataclass
