@@ -48,6 +48,14 @@ def shapes_of(path):
                 for row in archive["model/params"][()]}
 
 
+def perplexity_of(model, windows: torch.Tensor) -> float:
+    """A whole transformers model's perplexity over the windows, computed here independently."""
+    with torch.no_grad():
+        nll = sum(float(torch.nn.functional.cross_entropy(model(window[None]).logits[0, :-1].double(), window[1:],
+                                                          reduction="sum")) for window in windows)
+    return math.exp(nll / (windows.numel() - len(windows)))
+
+
 def test_wanda_prunes_every_row_exactly_and_the_round_records_each_block(tiny_folders, tmp_path):
     out = tmp_path / "wanda.h5"
     result = prune_folder(tiny_folders.llama, tiny_folders, out)
@@ -86,18 +94,27 @@ def test_the_recorded_perplexities_are_those_of_the_whole_model_dense_and_masked
     windows = eval_windows(str(tiny_folders.llama), str(tiny_folders.evaluation), 24)
     model = AutoModelForCausalLM.from_pretrained(tiny_folders.llama).float().eval()
 
-    def perplexity() -> float:
-        with torch.no_grad():
-            nll = sum(float(torch.nn.functional.cross_entropy(model(window[None]).logits[0, :-1].double(), window[1:],
-                                                              reduction="sum")) for window in windows)
-        return math.exp(nll / (windows.numel() - len(windows)))
-
-    assert perplexity() == pytest.approx(result.eval_dense, rel=1e-12)
+    assert perplexity_of(model, windows) == pytest.approx(result.eval_dense, rel=1e-12)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, keep in bool_masks(out, shapes_of(out)).items():
             parameters[name].masked_fill_(~keep, 0.0)
-    assert perplexity() == pytest.approx(result.eval_pruned, rel=1e-12)
+    assert perplexity_of(model, windows) == pytest.approx(result.eval_pruned, rel=1e-12)
+
+
+def test_the_exported_folder_loads_with_transformers_and_gives_the_recorded_perplexity(tiny_folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hpcprune.deploy.export import export
+
+    result = prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "wanda.h5")
+    export(tmp_path / "wanda.h5", fmt="hf", out=tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    windows = eval_windows(str(tmp_path / "hf"), str(tiny_folders.evaluation), 24)
+    assert perplexity_of(model, windows) == pytest.approx(result.eval_pruned, rel=1e-12)
+    masks = bool_masks(tmp_path / "wanda.h5", shapes_of(tmp_path / "wanda.h5"))
+    parameters = dict(model.named_parameters())
+    assert all(torch.count_nonzero(parameters[name][~keep]) == 0 for name, keep in masks.items())
 
 
 @pytest.mark.parametrize("rule, more", [("layer", ["prune.rule=layer", "prune.sparsity=0.7"]),
