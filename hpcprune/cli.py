@@ -13,6 +13,7 @@ what to do with an existing archive. Errors in what the user gave print one line
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 import traceback
@@ -22,8 +23,9 @@ import click
 
 from hpcprune import __version__
 from hpcprune.dist.detect import launcher_rank
+from hpcprune.dist.failures import AgreedFailure, exit_code_of
 from hpcprune.dist.logs import setup_logging
-from hpcprune.dist.world import World, is_peer_loss
+from hpcprune.dist.world import CollectiveTimeout, World, is_peer_loss
 from hpcprune.errors import UsageError
 
 PEER_LOSS_GRACE_SECONDS = 3.0
@@ -52,7 +54,8 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
       hpcprune prune --config configs/quickstart.yaml --set prune.sparsity=0.95 --out runs/s95.h5
       mpirun -n 4 hpcprune prune --config configs/oneshot_global.yaml
 
-    SIGUSR1 or SIGTERM stops the run at its next safe point, requeues a SLURM job and exits 75.
+    SIGUSR1 or SIGTERM stops the run at its next safe point, requeues a SLURM job and exits 75;
+    SIGINT (Ctrl-C) stops it there too, without a requeue, and exits 130 (twice: at once).
     """
     from hpcprune.config import load_config
     from hpcprune.dist import signals
@@ -62,7 +65,7 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
     signals.listen()  # first: from here on a signal can no longer kill the run mid-write
     if resume and force:
         raise UsageError("--resume and --force contradict each other: pick one")
-    all_overrides = list(overrides) + ([f"output.path={out}"] if out else [])
+    all_overrides = [*overrides, *_out_override(out)]
     config = load_config(config_path, all_overrides)
     world = detect_world()
     setup_logging(world.rank, quiet)
@@ -71,6 +74,11 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
     world.close()
     if world.is_root:
         click.echo(_final_summary(result))
+
+
+def _out_override(out: str | None) -> list[str]:
+    """`--out PATH` as the override output.path=PATH; quoted, so that YAML reads any path as the string given."""
+    return [] if out is None else [f"output.path={json.dumps(out)}"]
 
 
 def _final_summary(result) -> str:
@@ -134,7 +142,7 @@ def submit(config_path: str | None, overrides: tuple[str, ...], out: str | None,
 
     if resume and force:
         raise UsageError("--resume and --force contradict each other: pick one")
-    config = load_config(config_path, list(overrides) + ([f"output.path={out}"] if out else []))
+    config = load_config(config_path, [*overrides, *_out_override(out)])
     options = SubmitOptions(nodes, tasks_per_node, gpus_per_task, time_min, partition, cluster)
     job = submit_job(config, options, resume=resume, force=force)
     click.echo(f"job {job.job_id} submitted\narchive {Path(config.output.path).absolute()}\n"
@@ -276,38 +284,67 @@ def export(archive: str, round_index: int | None, fmt: str, out: str, int8_base:
 
 @contextlib.contextmanager
 def ends_every_rank_on_failure(world: World) -> Iterator[None]:
-    """A failure on one rank must not leave the others waiting in a collective: report it here,
-    once, with the rank, then end the whole job (MPI_Abort or equivalent)."""
+    """A failure on one rank must not leave the others waiting in a collective.
+
+    A failure every rank learned of at the same collective (hpcprune.dist.failures) is reported once,
+    by the first rank that failed, and every rank leaves with its status. Any other failure is
+    reported here, with the rank, and ends the whole job (MPI_Abort or equivalent); a rank that only
+    lost a peer says so and leaves the story of the failure to that peer or to the launcher.
+    """
     try:
         yield
-    except UsageError as error:
-        if world.size == 1:
-            raise
-        click.echo(f"hpcprune: error: [rank {world.rank}] {error}", err=True)
-        world.abort(error.exit_code)
+    except AgreedFailure as failure:
+        if failure.reports:
+            _report(world, failure.cause)
+        _leave_together(world, failure.exit_code)
     except Exception as error:
         if world.size == 1:
             raise
-        if not is_peer_loss(error):
-            click.echo(f"[rank {world.rank}] failed:\n{traceback.format_exc()}", err=True)
+        # Late: torch is loaded by now. DDP's own collectives reach gloo directly, unexplained.
+        from hpcprune.dist.torch_dist import collective_failure
+
+        error = collective_failure(error)
+        if isinstance(error, CollectiveTimeout):
+            click.echo(f"[rank {world.rank}] stopping: {error}", err=True)
             world.abort(1)
+        if not is_peer_loss(error):
+            _report(world, error)
+            world.abort(exit_code_of(error))
         # Another rank failed or died: it, or the launcher that saw it die, says which and why.
         # This rank only says that it stops, and gives the launcher a moment to report the dead
         # rank before an abort in this rank's name would come first.
-        click.echo(f"[rank {world.rank}] stopping: another rank is gone ({str(error).splitlines()[0][:200]})", err=True)
+        click.echo(f"[rank {world.rank}] stopping: {str(error).splitlines()[0][:300]}", err=True)
         time.sleep(PEER_LOSS_GRACE_SECONDS)
         world.abort(1)
+
+
+def _report(world: World, error: BaseException) -> None:
+    """One line for a user error, the traceback for anything else; the rank named where it matters."""
+    if isinstance(error, UsageError):
+        where = f"[rank {world.rank}] " if world.rank else ""
+        click.echo(f"hpcprune: error: {where}{error}", err=True)
+    else:
+        click.echo(f"[rank {world.rank}] failed:\n{''.join(traceback.format_exception(error)).rstrip()}", err=True)
+
+
+def _leave_together(world: World, exit_code: int) -> None:
+    """Every rank is at the same point: wait until the report is out (a launcher may end the job as
+    soon as one rank exits non-zero), then every rank exits with the failing rank's status."""
+    try:
+        world.barrier()
+        world.close()
+    except Exception:  # noqa: BLE001  (a rank died meanwhile: end the job the hard way)
+        world.abort(exit_code)
+    raise SystemExit(exit_code)
 
 
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UsageError as error:
-        # Errors found before the ranks know each other (config, flags) are the same on every
-        # rank: only the launcher's rank 0 prints them.
-        if launcher_rank() == 0:
-            click.echo(f"hpcprune: error: {error}", err=True)
-        sys.exit(error.exit_code)
+        _refuse(str(error), error.exit_code)
+    except click.UsageError as error:  # click's own checks of the flags: the same one line as ours
+        _refuse(" ".join(error.format_message().split()), UsageError.exit_code)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
@@ -316,3 +353,11 @@ def main() -> None:
         sys.exit(130)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+
+
+def _refuse(message: str, exit_code: int) -> None:
+    # Errors found before the ranks know each other (config, flags) are the same on every rank:
+    # only the launcher's rank 0 prints them.
+    if launcher_rank() == 0:
+        click.echo(f"hpcprune: error: {message}", err=True)
+    sys.exit(exit_code)

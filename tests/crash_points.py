@@ -5,6 +5,11 @@
 
 With HPCPRUNE_TEST_KILLED=FILE the killed rank first writes the point it died at into FILE.
 
+    HPCPRUNE_TEST_RAISE=select:2:MemoryError HPCPRUNE_TEST_RAISE_RANK=1 mpirun -n 2 python -m tests.crash_points prune ...
+
+raises that exception (a builtin's name) instead of killing: a failure inside the run, on one rank,
+that the run's own error handling must carry to every rank.
+
 Nothing here is reachable from `hpcprune` itself: the points are installed by wrapping functions of
 the real modules when this driver starts, and only when the environment asks for them. The kill is
 a real SIGKILL of the process (no exception, no cleanup, no atexit), as an OOM killer or a
@@ -14,6 +19,7 @@ preempting scheduler would deliver it.
 from __future__ import annotations
 
 import atexit
+import builtins
 import functools
 import importlib
 import json
@@ -37,6 +43,7 @@ POINTS = {
     "mark_checkpoint": ("hpcprune.archive.writer:Archive", "mark_checkpoint", "before"),  # round complete, checkpoint not moved
     "block_forward": ("hpcprune.models.block_calls", "call_block", "before"),  # a window through a block (sequential)
     "record_block": ("hpcprune.archive.blocks:BlockRecords", "record_block", "after"),  # a block's masks just recorded
+    "select": ("hpcprune.prune.streaming:Streamer", "run", "before"),  # a pass of selection over this rank's scores
 }
 
 counts: Counter[str] = Counter()
@@ -48,17 +55,24 @@ def rank() -> int:
     return launcher_rank()
 
 
-def _target() -> tuple[str, int] | None:
-    spec = os.environ.get("HPCPRUNE_TEST_KILL")
-    if not spec or int(os.environ.get("HPCPRUNE_TEST_KILL_RANK", "0")) != rank():
+def _target(variable: str) -> tuple[str, int, str] | None:
+    """(point, nth, exception name) that $variable asks for on this rank ($variable_RANK, default 0)."""
+    spec = os.environ.get(variable)
+    if not spec or int(os.environ.get(f"{variable}_RANK", "0")) != rank():
         return None
-    point, _, nth = spec.partition(":")
-    return point, int(nth or 1)
+    point, _, rest = spec.partition(":")
+    nth, _, exception = rest.partition(":")
+    return point, int(nth or 1), exception
 
 
 def reached(point: str) -> None:
     counts[point] += 1
-    if (point, counts[point]) == _target():
+    failure = _target("HPCPRUNE_TEST_RAISE")
+    if failure is not None and failure[:2] == (point, counts[point]):
+        exception = getattr(builtins, failure[2] or "RuntimeError")
+        raise exception(f"injected at {point}:{counts[point]} on rank {rank()}")
+    kill = _target("HPCPRUNE_TEST_KILL")
+    if kill is not None and kill[:2] == (point, counts[point]):
         if os.environ.get("HPCPRUNE_TEST_KILLED"):  # tells the test this kill happened (the others may fail first)
             with open(os.environ["HPCPRUNE_TEST_KILLED"], "w") as record:
                 record.write(f"{point}:{counts[point]} on rank {rank()}")

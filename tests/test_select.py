@@ -16,6 +16,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from hpcprune.archive.codec import pack_mask, unpack_mask
+from hpcprune.dist.failures import AgreedFailure
 from hpcprune.dist.world import SingleWorld, World
 from hpcprune.prune import radix, streaming
 from hpcprune.prune.plan import Plan, TensorSpec, assign_owners
@@ -345,23 +346,50 @@ def test_other_rules_do_not_depend_on_world_size(rule):
     assert all(chosen.kept == alone.kept for chosen in selections)
 
 
-def test_nan_on_one_rank_raises_on_every_rank():
+def failures_on_two_ranks(rule: str, scores_of_rank) -> dict[int, AgreedFailure]:
+    """Each rank's AgreedFailure when two ranks select with `scores_of_rank(rank, plan)`."""
     plan = make_plan(SHAPES, 2)
-    scores = random_scores(plan)
-    bad = plan.local(1)[0].name
-    scores[bad].view(-1)[0] = float("nan")
-    raised = []
+    raised = {}
 
     def job(world):
-        mine = {spec.name: scores[spec.name] for spec in plan.local(world.rank)}
         try:
-            select("global", mine, plan, world, sparsity=0.5)
-        except ValueError as error:
-            raised.append((world.rank, str(error)))
+            select(rule, scores_of_rank(world.rank, plan), plan, world, sparsity=0.5, threshold=0.0)
+        except AgreedFailure as failure:
+            raised[world.rank] = failure
 
     run_ranks(2, job)
-    assert sorted(rank for rank, _ in raised) == [0, 1]
-    assert any(bad in message for _, message in raised)
+    assert sorted(raised) == [0, 1] and {failure.failed_rank for failure in raised.values()} == {1}
+    assert raised[0].cause is None and not raised[0].reports  # rank 0 only learns that rank 1 failed
+    assert raised[1].reports
+    return raised
+
+
+def own_scores(rank: int, plan, scores) -> dict:
+    return {spec.name: scores[spec.name] for spec in plan.local(rank)}
+
+
+@pytest.mark.parametrize("rule", SHAPE_FREE_RULES)
+def test_nan_on_one_rank_raises_on_every_rank_and_the_failing_rank_reports_it(rule):
+    scores = random_scores(make_plan(SHAPES, 2))
+    bad = make_plan(SHAPES, 2).local(1)[0].name
+    scores[bad].view(-1)[0] = float("nan")
+    raised = failures_on_two_ranks(rule, lambda rank, plan: own_scores(rank, plan, scores))
+    assert isinstance(raised[1].cause, ValueError) and bad in str(raised[1].cause)
+
+
+class Exhausted(dict):
+    """Scores whose computation runs out of memory."""
+
+    def __getitem__(self, name):
+        raise MemoryError(f"no memory to score {name}")
+
+
+@pytest.mark.parametrize("rule", SHAPE_FREE_RULES)
+def test_any_failure_reading_one_ranks_scores_is_raised_on_every_rank(rule):
+    """Not only bad scores: whatever reading (scoring) a tensor raises must not leave the others waiting."""
+    scores = random_scores(make_plan(SHAPES, 2))
+    raised = failures_on_two_ranks(rule, lambda rank, plan: (Exhausted if rank else dict)(own_scores(rank, plan, scores)))
+    assert isinstance(raised[1].cause, MemoryError)
 
 
 # --- lazy scores and packed masks ----------------------------------------------------------------------
@@ -446,22 +474,11 @@ def test_nothing_or_everything_pruned_gives_full_or_empty_packed_masks(sparsity)
 
 @pytest.mark.parametrize("rule", SHAPE_FREE_RULES)
 def test_wrong_scores_on_one_rank_raise_on_every_rank(rule):
-    plan = make_plan(SHAPES, 2)
-    scores = random_scores(plan)
-    bad = plan.local(1)[0].name
+    scores = random_scores(make_plan(SHAPES, 2))
+    bad = make_plan(SHAPES, 2).local(1)[0].name
     scores[bad] = scores[bad].double()
-    raised = []
-
-    def job(world):
-        mine = {spec.name: scores[spec.name] for spec in plan.local(world.rank)}
-        try:
-            select(rule, mine, plan, world, sparsity=0.5, threshold=0.0)
-        except ValueError as error:
-            raised.append((world.rank, str(error)))
-
-    run_ranks(2, job)
-    assert sorted(rank for rank, _ in raised) == [0, 1]
-    assert any(bad in message and "float32" in message for _, message in raised)
+    raised = failures_on_two_ranks(rule, lambda rank, plan: own_scores(rank, plan, scores))
+    assert bad in str(raised[1].cause) and "float32" in str(raised[1].cause)
 
 
 # --- chunking ----------------------------------------------------------------------------------------

@@ -35,12 +35,22 @@ def test_unreadable_checkpoints_are_named(tmp_path, content, fragment):
         CheckpointWeights(path)
 
 
-def test_truncated_data_is_named(tmp_path):
+def test_truncated_data_is_named_when_the_file_is_opened(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"w.weight": torch.randn(64, 64), "v.weight": torch.randn(8, 8)}, str(path))
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UsageError, match=f"truncated: {size - 100} bytes, but its header places tensor w.weight up to byte {size}"):
+        CheckpointWeights(path)
+
+
+def test_data_truncated_after_opening_is_named(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({"w.weight": torch.randn(64, 64)}, str(path))
+    weights = CheckpointWeights(path)
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(UsageError, match="truncated: tensor w.weight"):
-        CheckpointWeights(path).get("w.weight")
+        weights.get("w.weight")
 
 
 def test_only_safetensors_files(tmp_path):

@@ -27,6 +27,8 @@ from typing import BinaryIO
 from hpcprune.errors import UsageError
 
 TEMPORARY_SUFFIX = ".tmp"
+RANDOM_PART = 8  # characters mkstemp puts between the prefix and the suffix
+NAME_MAX = 255  # bytes in one name, where the filesystem does not say (Linux, macOS and most others)
 
 
 @contextlib.contextmanager
@@ -35,7 +37,7 @@ def replace_atomically(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX)
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=_temporary_prefix(target), suffix=TEMPORARY_SUFFIX)
         os.close(handle)
     except OSError as error:
         raise write_error(target, error) from None
@@ -58,10 +60,53 @@ def write_atomically(target: str | os.PathLike, write: Callable[[BinaryIO], obje
         write(file)
 
 
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
 def refuse_existing(out: str | os.PathLike, force: bool) -> None:
     """Without --force an existing output file is never touched."""
+    check_output_path(out)
     if Path(out).exists() and not force:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
+
+
+def check_output_path(out: str | os.PathLike, *side_paths: str | os.PathLike) -> None:
+    """Refuse in one line, before anything is written, an output (or a path derived from it: its
+    temporary, its side folders) with a name longer than its filesystem holds."""
+    out = Path(out)
+    limit = _name_max(out)
+    for path in (out, *map(Path, side_paths)):
+        for part in path.parts:
+            if len(os.fsencode(part)) > limit:
+                raise UsageError(f"{out}: the name {_shortened(part)} is {len(os.fsencode(part))} bytes; "
+                                 f"the filesystem holds names of at most {limit}")
+    temporary = len(os.fsencode(_temporary_prefix(out))) + RANDOM_PART + len(TEMPORARY_SUFFIX)
+    if temporary > limit:
+        raise UsageError(f"{out}: the name is {len(os.fsencode(out.name))} bytes, too long to be written "
+                         f"under a temporary name first; use at most {limit - temporary + len(os.fsencode(out.name))}")
+
+
+def _name_max(path: Path) -> int:
+    """The longest name (in bytes) the filesystem of `path`'s nearest existing folder holds."""
+    folder = path.absolute().parent
+    while not _is_folder(folder) and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a component of it is too long, or not a folder
+        return False
+
+
+def _shortened(name: str) -> str:
+    return repr(name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}")
 
 
 def fsync_file(path: Path) -> None:

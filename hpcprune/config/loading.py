@@ -3,7 +3,9 @@
     hpcprune prune --config configs/quickstart.yaml --set prune.sparsity=0.8
 
 Validation is pydantic's: unknown keys, wrong types and out-of-range values are refused with a
-one-line `UsageError` that names the file and the dotted key.
+one-line `UsageError` that names the file and the dotted key. YAML itself lets a later key silently
+replace an earlier one of the same name; here a key or section given twice is refused, since one of
+the two settings the user wrote would otherwise be ignored.
 """
 
 from __future__ import annotations
@@ -41,15 +43,38 @@ def validate_tree(tree: dict[str, Any], source: str) -> RunConfig:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise UsageError(f"cannot read config {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"config {path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})") from None
     return _parse_yaml(text, str(path))
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping (the YAML is well formed; the config is ambiguous)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a mapping naming one key twice is an error instead of last-wins."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        tree = yaml.safe_load(text)
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader)
+    except _DuplicateKey as error:
+        raise UsageError(f"{source}: line {error.problem_mark.line + 1}: {error.problem}; keep one of them") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""

@@ -34,8 +34,12 @@ from hpcprune.config.sequential import SequentialConfig, check_sequential
 CHECKPOINT_MODEL = registry.CHECKPOINT_MODEL
 
 
+SEED_LIMIT = 2**63
+"""Seeds are below 2**63: torch takes 64-bit seeds, and runs add round and epoch numbers to them."""
+
+
 class RunConfig(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
     """Progress bars on rank 0 (only when stderr is a terminal)."""

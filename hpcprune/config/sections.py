@@ -28,8 +28,9 @@ from hpcprune import registry
 class Section(BaseModel):
     """Base of every config section: no unknown keys, immutable."""
 
-    # Lax typing on purpose: YAML reads 1e-3 as a string, and users mean a number.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Lax typing on purpose: YAML reads 1e-3 as a string, and users mean a number. No setting means
+    # anything as NaN or infinity (`.nan` would pass every range check and compare false later).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -52,7 +53,8 @@ class DataConfig(Section):
     path: str | None = None
     """Folder with the IDX(.gz) files; else $HPCPRUNE_DATA; else /usr/share/datasets/fashion-mnist."""
     validation_size: int = Field(5000, ge=0)
-    """Images held out of the training set for validation (the test set stays untouched)."""
+    """Fashion-MNIST: images held out of the training set for validation (the test set stays untouched);
+    it must leave training images. Synthetic data draws its own validation set of synthetic_size / 8."""
     train_limit: int | None = Field(None, gt=0)
     """Use only the first N training images (quick experiments)."""
     synthetic_size: int = Field(2048, gt=0)
@@ -207,6 +209,13 @@ class DistillConfig(Section):
 class OutputConfig(Section):
     path: str = "runs/hpcprune.h5"
     """Archive to write; model states go to `<path minus .h5>.states/` beside it."""
+
+    @field_validator("path")
+    @classmethod
+    def _names_a_file(cls, path: str) -> str:
+        if not path.strip() or path.endswith(("/", "\\")):
+            raise ValueError("must name the archive file to write")
+        return path
 
 
 class FanoutSlurmConfig(Section):

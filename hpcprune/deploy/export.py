@@ -34,7 +34,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from hpcprune.archive.atomic import replace_atomically
+from hpcprune.archive.atomic import check_output_path, replace_atomically
 from hpcprune.archive.writer import Archive
 from hpcprune.config import CHECKPOINT_MODEL
 from hpcprune.deploy.formats import (
@@ -83,6 +83,7 @@ def export(archive: str | Path, *, fmt: str, out: str | Path, round_index: int |
 
 def _check_out(out: Path, force: bool) -> Path:
     """Refuse an output that would overwrite without --force or cannot be written, before any work."""
+    check_output_path(out)
     if out.is_dir():
         raise UsageError(f"--out {out}: is a directory; name the file to write")
     if out.exists() and not force:

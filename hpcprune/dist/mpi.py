@@ -9,16 +9,10 @@ independent copies writing one archive would be worse than stopping.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from hpcprune.errors import UsageError
 from hpcprune.dist.world import World
-
-# Variables the MPI launchers set in every rank's environment.
-MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
-
 
 class MpiWorld(World):
     name = "mpi"
@@ -70,9 +64,8 @@ class MpiWorld(World):
         self.comm.Abort(exit_code)
 
 
-def from_mpi_launcher() -> World | None:
-    if not any(variable in os.environ for variable in MPI_SIZE_VARIABLES):
-        return None
+def mpi_world() -> World:
+    """The World of ranks an MPI launcher started (hpcprune.dist.detect tells which launcher it was)."""
     try:
         import mpi4py  # noqa: F401
     except ImportError:

@@ -18,6 +18,15 @@ class PeerLost(RuntimeError):
     """A collective failed because another rank is gone: that rank reports the cause, not this one."""
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective waited its whole timeout for a rank that did not come: it hangs, is far slower, or
+    runs another collective. No other rank reports this, so this rank says it."""
+
+
+class CollectiveMismatch(RuntimeError):
+    """The ranks ran different collectives at the same step: a bug, reported with its traceback."""
+
+
 # What gloo says when the rank at the other end of a connection died (DDP's gradient allreduce
 # reaches gloo directly, not through a World collective, so its errors arrive unwrapped).
 PEER_GONE_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
@@ -36,6 +45,9 @@ class World(abc.ABC):
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    restarts_failed_ranks: bool = False
+    """True where a rank that fails is started again alone (fan-out tasks): its failures are then
+    not shared with the other ranks (hpcprune.dist.failures), except refusals a restart would repeat."""
 
     @property
     def is_root(self) -> bool:

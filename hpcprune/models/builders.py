@@ -123,10 +123,42 @@ def build_model(cfg: ModelConfig, *, in_channels: int = 1, num_classes: int = 10
     """The model `cfg.name` names, with fresh weights (the caller seeds torch first)."""
     builder = _resolve_builder(cfg.name)
     kwargs = _builder_kwargs(builder, cfg, in_channels=in_channels, num_classes=num_classes)
-    model = builder(**kwargs)
+    if cfg.name in MODELS and not cfg.kwargs:
+        model = builder(**kwargs)  # our code with our arguments: a failure here is a bug, with its traceback
+    else:
+        try:
+            model = builder(**kwargs)
+        except UsageError:
+            raise
+        except Exception as error:  # the user's code, or a built-in given the user's model.kwargs
+            raise UsageError(f"model {cfg.name!r}: building it with {kwargs} failed "
+                             f"({type(error).__name__}: {_first_line(error)})") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model {cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if is_hf_model(cfg.name):  # its weights come from the folder's checkpoint
+        for name, tensor in model.state_dict().items():
+            require_finite(tensor, f"model.name {cfg.name!r}: tensor {name!r}")
     return model
+
+
+def check_takes_input(model: nn.Module, name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """One forward pass of a batch of two zero images: the model must take the data's images and
+    return one score per class, or training would fail later, deep inside torch."""
+    batch = torch.zeros(2, *input_shape)
+    was_training = model.training
+    model.eval()  # no batch statistics, no dropout: the pass changes no buffer and draws no random number
+    try:
+        with torch.no_grad():
+            logits = model(batch)
+    except Exception as error:  # the model's own code, given the data's shape
+        raise UsageError(f"model {name!r} does not take the data's images of shape {list(batch.shape)} "
+                         f"({type(error).__name__}: {_first_line(error)})") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UsageError(f"model {name!r} returns {got} for images of shape {list(batch.shape)}; "
+                         f"training needs [2, {num_classes}], one score per class")
 
 
 # Builders whose module moved when hpcprune was grouped into floors: configs stored in archives
@@ -185,9 +217,20 @@ def load_state_file(path: str | os.PathLike, names: Iterable[str] | None = None)
     if not path.is_file():
         raise UsageError(f"checkpoint {path}: no such file")
     if path.suffix == ".safetensors":
-        return _load_safetensors(path, names)
-    state = _state_dict_of(_torch_load(path), path)
-    return state if names is None else {name: _pick(state, name, path) for name in names}
+        state = _load_safetensors(path, names)
+    else:
+        state = _state_dict_of(_torch_load(path), path)
+        state = state if names is None else {name: _pick(state, name, path) for name in names}
+    for name, tensor in state.items():
+        require_finite(tensor, f"checkpoint {path}: tensor {name!r}")
+    return state
+
+
+def require_finite(tensor: torch.Tensor, what: str) -> None:
+    """Weights with NaN or infinity make every score, loss and mask after them meaningless: refuse them."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinity"
+        raise UsageError(f"{what} holds {bad} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)")
 
 
 def _load_safetensors(path: Path, names: Iterable[str] | None) -> dict[str, torch.Tensor]:

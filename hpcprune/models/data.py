@@ -64,7 +64,10 @@ def load_fashion_mnist(cfg: DataConfig, seed: int) -> Splits:
     folder = data_folder(cfg)
     pixels = read_idx_images(find_idx_file(folder, FILES["train_images"]))
     labels = read_idx_labels(find_idx_file(folder, FILES["train_labels"]), len(pixels))
-    test_pixels = read_idx_images(find_idx_file(folder, FILES["test_images"]))
+    test_file = find_idx_file(folder, FILES["test_images"])
+    test_pixels = read_idx_images(test_file)
+    if not len(test_pixels):  # every accuracy hpcprune reports would be 0/0
+        raise UsageError(f"{test_file}: the test set holds no images")
     test_labels = read_idx_labels(find_idx_file(folder, FILES["test_labels"]), len(test_pixels))
     train, validation = split_train(pixels, labels, cfg, seed)
     return Splits(train, validation, to_dataset(test_pixels, test_labels), NUM_CLASSES, INPUT_SHAPE)

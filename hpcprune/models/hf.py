@@ -66,9 +66,11 @@ def text_sequences(name: str, cfg: CalibrationConfig) -> torch.Tensor:
     if cfg.text is None:
         raise UsageError("a Hugging Face model calibrates on text: set calibration.text to a file of sentences")
     try:
-        sentences = [line.strip() for line in Path(cfg.text).read_text().splitlines() if line.strip()]
+        sentences = [line.strip() for line in Path(cfg.text).read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as error:
         raise UsageError(f"calibration.text {cfg.text}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"calibration.text {cfg.text}: not UTF-8 text (at byte offset {error.start})") from None
     tokenizer = _transformers().AutoTokenizer.from_pretrained(folder_of(name), local_files_only=True)
     ids = [token for sentence in sentences for token in tokenizer(sentence, add_special_tokens=False)["input_ids"]]
     rows = len(ids) // cfg.sequence_length

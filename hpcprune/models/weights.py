@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hpcprune.errors import UsageError
+from hpcprune.models.builders import require_finite
 
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPES = {**FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -50,6 +51,7 @@ class CheckpointWeights:
         if self.path.suffix != ".safetensors":
             raise UsageError(f"model.checkpoint {self.path}: model 'checkpoint' reads .safetensors files only")
         header, self._data_start = _read_header(self.path)
+        _require_complete(self.path, header, self._data_start)
         self.shapes = {name: tuple(entry["shape"]) for name, entry in header.items()}
         self.dtypes = {name: entry["dtype"] for name, entry in header.items()}
         self._offsets = {name: tuple(entry["data_offsets"]) for name, entry in header.items()}
@@ -69,7 +71,19 @@ class CheckpointWeights:
             checkpoint.seek(self._data_start + start)
             if checkpoint.readinto(memoryview(raw.numpy())) != end - start:
                 raise UsageError(f"checkpoint {self.path} is truncated: tensor {name} is incomplete")
-        return raw.view(DTYPES[self.dtypes[name]]).view(self.shapes[name])
+        tensor = raw.view(DTYPES[self.dtypes[name]]).view(self.shapes[name])
+        require_finite(tensor, f"checkpoint {self.path}: tensor {name!r}")
+        return tensor
+
+
+def _require_complete(path: Path, header: dict, data_start: int) -> None:
+    """Every tensor's bytes must lie inside the file: a truncated copy is refused before anything is scored."""
+    ends = [(entry["data_offsets"][1], name) for name, entry in header.items()]
+    end, name = max(ends, default=(0, None))
+    size = path.stat().st_size
+    if data_start + end > size:
+        raise UsageError(f"checkpoint {path} is truncated: {size} bytes, but its header places tensor {name} "
+                         f"up to byte {data_start + end}")
 
 
 def _read_header(path: Path) -> tuple[dict, int]:

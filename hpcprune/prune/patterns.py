@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hpcprune.config import PruneConfig
+from hpcprune.dist.failures import shared
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
 from hpcprune.prune.plan import Plan, TensorSpec
@@ -86,10 +87,13 @@ def _select_groups(scores: Scores, plan: Plan, world: World,
     tensors = Tensors.of(scores, plan, world)
     masks, kept, problem = [], 0, tensors.problem
     for position, spec in enumerate(tensors.specs if problem is None else []):
-        try:  # a bad tensor must still let this rank reach the collective in _finish
+        try:  # whatever fails on a tensor, this rank must still reach the collective in finish_selection
             keep = tensor_mask(spec, tensors.read(position)).numpy()
         except BadScores as error:
             problem = nan_message(spec) if str(error) == "NaN" else str(error)
+            break
+        except Exception as error:
+            problem = shared(world, error)
             break
         masks.append(np.packbits(keep, bitorder="big"))
         kept += int(keep.sum())

@@ -36,19 +36,20 @@ from functools import partial
 import numpy as np
 import torch
 
+from hpcprune.dist.failures import outcome, shared
 from hpcprune.dist.world import World
 from hpcprune.prune.streaming import (
     BINS,
     DIGIT_BITS,
     HALF,
     INF_KEY,
-    BadScores,
     Budget,
     Chunk,
     Counts,
     HighCounts,
     Streamer,
     Tensors,
+    as_failure,
     nan_message,
     packed_size,
     raise_if_failed,
@@ -121,12 +122,13 @@ def _reduce_high_histogram(tensors: Tensors, world: World, stream: Streamer) -> 
     """Pass 1: histogram of the high key digit over all ranks, and the number of -inf; raises on NaN anywhere."""
     counts = HighCounts(problem=tensors.problem)
     if counts.problem is None:
-        try:
+        try:  # the pass that reads (and scores) every tensor first: whatever fails, every rank must hear of it
             counts = stream.run(tensors, range(len(tensors.specs)), _count_high, HighCounts)
-        except BadScores as error:
-            counts = HighCounts(problem=str(error))
-    reduced = world.allreduce_sum(np.concatenate([counts.histogram, [counts.neginf, counts.problem is not None]]))
-    raise_if_failed(counts.problem, int(reduced[-1]))
+        except Exception as error:
+            counts = HighCounts(problem=shared(world, error))
+    failure = as_failure(counts.problem)
+    reduced = world.allreduce_sum(np.concatenate([counts.histogram, [counts.neginf], outcome(world, failure)]))
+    raise_if_failed(world, failure, reduced[BINS + 1:])
     return reduced[:BINS], int(reduced[BINS])
 
 

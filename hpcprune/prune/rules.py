@@ -23,12 +23,13 @@ from functools import partial
 
 import numpy as np
 
+from hpcprune.dist.failures import shared
 from hpcprune.dist.world import SingleWorld, World
 from hpcprune.prune.patterns import PATTERN_RULES
 from hpcprune.prune.plan import Plan
 from hpcprune.prune.radix import mask_above, smallest
 from hpcprune.prune.selection import Selection, finish_selection, prune_count
-from hpcprune.prune.streaming import BadScores, Counts, Scores, Streamer, Tensors
+from hpcprune.prune.streaming import Counts, Scores, Streamer, Tensors
 
 
 def select(
@@ -70,14 +71,14 @@ def select_layer(
     masks, kept, problem = [], 0, tensors.problem
     with Streamer() as stream:
         for position, spec in enumerate(tensors.specs if problem is None else []):
-            try:  # a bad tensor must still let this rank reach the collective in _finish
+            try:  # whatever fails on a tensor, this rank must still reach the collective in finish_selection
                 # One read per tensor: its passes run over the held scores, nobody else's.
                 alone = Tensors.holding(spec, tensors.read(position))
                 chosen = smallest(alone, prune_count(sparsity, spec.numel), SingleWorld(), stream,
                                    slots=[0], slot_count=1)
                 del alone
-            except ValueError as error:
-                problem = str(error)
+            except Exception as error:
+                problem = shared(world, error)
                 break
             masks += chosen.masks
             kept += chosen.kept
@@ -96,11 +97,11 @@ def select_threshold(
     counts.problem = tensors.problem
     if counts.problem is None:
         work = partial(mask_above, masks=masks, boundary=np.float32(threshold), check_nan=True)
-        try:  # a bad tensor must still let this rank reach the collective in _finish
+        try:  # whatever fails on a tensor, this rank must still reach the collective in finish_selection
             with Streamer() as stream:
                 counts = stream.run(tensors, range(len(tensors.specs)), work, partial(Counts.zero, len(tensors.specs)))
-        except BadScores as error:
-            counts.problem = str(error)
+        except Exception as error:
+            counts.problem = shared(world, error)
     return finish_selection(tensors, masks, int(counts.kept.sum()), float(threshold), plan, world, problem=counts.problem)
 
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hpcprune.dist.failures import outcome
 from hpcprune.dist.world import World
+from hpcprune.errors import UsageError
 from hpcprune.prune.plan import Plan
-from hpcprune.prune.streaming import Tensors, raise_if_failed
+from hpcprune.prune.streaming import Tensors, as_failure, raise_if_failed
 
 
 @dataclass
@@ -36,9 +38,34 @@ def prune_count(sparsity: float, total: int) -> int:
     return round(sparsity * total)
 
 
+def keeps_nothing(rule: str, sparsity: float, plan: Plan, min_density: float = 0.0) -> bool:
+    """True when rule `global` or `layer` at `sparsity` would prune every prunable weight (known from
+    the plan alone; other rules know it only once they have selected)."""
+    if rule == "global":
+        return min_density == 0 and prune_count(sparsity, plan.total) >= plan.total
+    if rule == "layer":
+        return all(prune_count(sparsity, spec.numel) >= spec.numel for spec in plan.tensors)
+    return False
+
+
+def nothing_kept(selection: Selection, *, rule: str, sparsity: float, threshold: float | None) -> UsageError | None:
+    """The refusal of a selection that keeps no weight at all (a model that outputs constants), or None."""
+    if selection.kept:
+        return None
+    if rule == "threshold":
+        return UsageError(f"prune.threshold {threshold} prunes every one of the {selection.total} prunable weights")
+    return sparsity_keeps_nothing(rule, sparsity, selection.total)
+
+
+def sparsity_keeps_nothing(rule: str, sparsity: float, total: int) -> UsageError:
+    return UsageError(f"prune.sparsity {sparsity} keeps none of the {total} prunable weights (rule {rule}); lower it")
+
+
 def finish_selection(tensors: Tensors, masks, kept: int, boundary, plan: Plan, world: World, *, problem) -> Selection:
     """Sum kept counts over ranks with one allreduce that also tells every rank about any failure."""
-    kept_total, failures = world.allreduce_sum(np.array([kept, problem is not None], dtype=np.int64))
-    raise_if_failed(problem, int(failures))
+    failure = as_failure(problem)
+    reduced = world.allreduce_sum(np.concatenate([[kept], outcome(world, failure)]).astype(np.int64))
+    raise_if_failed(world, failure, reduced[1:])
+    kept_total = reduced[0]
     return Selection(masks={spec.name: mask for spec, mask in zip(tensors.specs, masks)}, threshold=boundary,
                      kept=int(kept_total), total=plan.total, shapes={spec.name: spec.shape for spec in tensors.specs})

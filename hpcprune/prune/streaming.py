@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from hpcprune.dist.failures import raise_if_any
 from hpcprune.dist.world import World
 from hpcprune.prune.plan import Plan, TensorSpec
 
@@ -218,7 +219,7 @@ class Counts:
     kept: np.ndarray  # mask bits set, per tensor position
     inside: np.ndarray  # elements inside the boundary's high-digit bin, per tensor position (pass 2)
     histogram: np.ndarray  # their low digits (pass 2)
-    problem: str | None = None
+    problem: str | BaseException | None = None
     retained: Retained | None = field(default_factory=list)  # None: the budget ran out
     chunk_ties: dict[tuple[int, int], int] = field(default_factory=dict)  # (position, start) -> elements == T
 
@@ -244,7 +245,7 @@ class HighCounts:
 
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
     neginf: int = 0
-    problem: str | None = None
+    problem: str | BaseException | None = None
 
     def __add__(self, other: HighCounts) -> HighCounts:
         return HighCounts(self.histogram + other.histogram, self.neginf + other.neginf, self.problem or other.problem)
@@ -252,9 +253,12 @@ class HighCounts:
 
 
 
-def raise_if_failed(problem: str | None, failures: int) -> None:
-    # Every rank raises together, so none is left waiting in a later collective.
-    if problem is not None:
-        raise ValueError(problem)
-    if failures:
-        raise ValueError("scores contain NaN or do not match the plan on another rank")
+def as_failure(problem: str | BaseException | None) -> BaseException | None:
+    """What a pass found wrong on this rank (a message, or what a read raised) as the exception to raise."""
+    return ValueError(problem) if isinstance(problem, str) else problem
+
+
+def raise_if_failed(world: World, problem: str | BaseException | None, outcomes: np.ndarray) -> None:
+    """After the allreduce that carried every rank's `outcome`: every rank raises together if any failed,
+    so none is left waiting in a later collective (hpcprune.dist.failures)."""
+    raise_if_any(world, as_failure(problem), outcomes)

@@ -13,6 +13,7 @@ no longer beside the archive) is left out with the reason. Needs matplotlib (`pi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,9 @@ def _use_matplotlib() -> None:
         import matplotlib
     except ImportError:
         raise UsageError("plots need matplotlib: pip install 'hpcprune[plot]'") from None
+    except ValueError as error:  # matplotlib reads $MPLBACKEND when imported and refuses an unknown one
+        raise UsageError(f"MPLBACKEND={os.environ.get('MPLBACKEND', '')!r} is not a matplotlib backend "
+                         f"({str(error).split(';')[0]}); unset it: hpcprune draws into files with Agg") from None
     matplotlib.use("Agg")  # files only: no display on a cluster node
 
 

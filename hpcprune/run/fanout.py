@@ -47,6 +47,7 @@ from hpcprune import registry
 from hpcprune.archive.atomic import write_atomically
 from hpcprune.archive.wire import MaskMessage
 from hpcprune.config import FanoutConfig, RunConfig, load_config_text
+from hpcprune.dist.failures import AgreedFailure
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
 from hpcprune.models.builders import save_checkpoint
@@ -87,6 +88,7 @@ class ReplayWorld(World):
     """Rank `rank` of `size`, for one task: collectives are the sums stored in the round's files."""
 
     name = "replay"
+    restarts_failed_ranks = True  # a task that fails is started again alone (run_stages)
 
     def __init__(self, files: RoundFiles, rank: int, size: int, linger_s: float = 0.0):
         self.files, self.rank, self.size, self.linger_s = files, rank, size, linger_s
@@ -151,8 +153,16 @@ def run_shard(folder: str, rank: int) -> str:
     except tuple(REFUSALS.values()) as error:
         files.write_error(rank, error)
         return "refused"
+    except AgreedFailure as failure:  # a refusal every shard learned of in a stage's sum
+        files.write_error(rank, failure.cause or _refusal_elsewhere(failure))
+        return "refused"
     files.write_result(rank, selection, plan.local(rank))
     return "masks"
+
+
+def _refusal_elsewhere(failure: AgreedFailure) -> Exception:
+    kind = UsageError if failure.exit_code == UsageError.exit_code else ValueError
+    return kind(f"stopped: shard {failure.failed_rank} refused the selection")
 
 
 def _previous_masks(path: str | None, specs: list[TensorSpec]) -> dict[str, np.ndarray]:

@@ -23,15 +23,17 @@ import torch
 from hpcprune import registry
 from hpcprune.archive.writer import Archive
 from hpcprune.config import CHECKPOINT_MODEL, RunConfig
+from hpcprune.dist.failures import agreed
 from hpcprune.dist.signals import stop_here
 from hpcprune.dist.world import World
-from hpcprune.models.builders import build_model, load_checkpoint
+from hpcprune.models.builders import build_model, check_takes_input, load_checkpoint
 from hpcprune.models.data import load_data
 from hpcprune.models.hf import is_hf_model
 from hpcprune.models.weights import CheckpointWeights, ModelWeights
 from hpcprune.prune.channels import ChannelPruning
 from hpcprune.prune.plan import make_plan
 from hpcprune.prune.schedule import round_targets
+from hpcprune.prune.selection import keeps_nothing, sparsity_keeps_nothing
 from hpcprune.run.job import Job, RunResult
 from hpcprune.run.resume import open_run_archive, resume_masks
 from hpcprune.run.rounds import dense_model, kept_on_rank, prune_round
@@ -43,7 +45,9 @@ from hpcprune.train.finetune import evaluate, resolve_device
 def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = False) -> RunResult:
     if config.schedule.kind == registry.SEQUENTIAL:  # large transformers, block by block
         return run_sequential(config, world, resume=resume, force=force)
-    job = _checkpoint_job(config, world) if config.model.name == CHECKPOINT_MODEL else _model_job(config, world)
+    # Every rank reads the user's files (data, model code, checkpoint) itself: a refusal on any rank
+    # is raised on all of them, before anything is written (hpcprune.dist.failures).
+    job = agreed(world, lambda: _job(config, world))
     point = open_run_archive(job, resume=resume, force=force)
     job.saved_training = SavedTraining(**point.training) if point.training else None
     dense_accuracy = dense_model(job, point) if job.model is not None else math.nan
@@ -67,16 +71,26 @@ def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = 
                      "channels" if job.channels is not None else "weights")
 
 
+def _job(config: RunConfig, world: World) -> Job:
+    job = _checkpoint_job(config, world) if config.model.name == CHECKPOINT_MODEL else _model_job(config, world)
+    target = max(round_targets(config.schedule, config.prune.sparsity))
+    if job.channels is None and keeps_nothing(config.prune.rule, target, job.plan, config.prune.min_density):
+        raise sparsity_keeps_nothing(config.prune.rule, target, job.plan.total)
+    return job
+
+
 def _model_job(config: RunConfig, world: World) -> Job:
     device = resolve_device(config.device, local_rank=world.local_rank)
     torch.manual_seed(config.seed)
     splits = None if is_hf_model(config.model.name) else load_data(config.data, config.seed)  # text: no images
     shape = {} if splits is None else dict(in_channels=splits.input_shape[0], num_classes=splits.num_classes)
     model = build_model(config.model, **shape)
+    plan = make_plan(model, config.prune, world.size)
+    if splits is not None:  # a model that cannot take the images is refused now, not deep in training
+        check_takes_input(model, config.model.name, splits.input_shape, splits.num_classes)
     if config.model.checkpoint:  # before the archive exists, so a bad checkpoint leaves nothing behind
         load_checkpoint(model, config.model.checkpoint)
     model.to(device)
-    plan = make_plan(model, config.prune, world.size)
     channels = ChannelPruning(model, plan, config.prune) if config.prune.granularity == "channel" else None
     return Job(config, world, Path(config.output.path), device, plan, ModelWeights(model), model, splits,
                channels=channels)

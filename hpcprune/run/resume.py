@@ -14,9 +14,11 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hpcprune.archive.atomic import check_output_path
 from hpcprune.archive.reader import open_archive
 from hpcprune.archive.wire import MaskMessage
-from hpcprune.archive.writer import Archive
+from hpcprune.archive.writer import Archive, state_path
+from hpcprune.dist.failures import agreed
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
 from hpcprune.models.builders import load_checkpoint
@@ -39,24 +41,27 @@ class ResumePoint:
 
 
 def open_run_archive(job: Job, *, resume: bool, force: bool) -> ResumePoint:
-    """Create the archive, or reopen it to resume; every rank learns the resume point."""
-    point = ResumePoint()
-    if job.world.is_root:
-        config_yaml = job.config.to_yaml()
-        if resume and job.path.exists():
-            _check_states_exist(job.path)  # before open_resume writes: a refused resume changes nothing
-            archive = Archive.open_resume(job.path, config_yaml=config_yaml, world_size=job.world.size)
-            point = _read_resume_point(job.path, archive)
-            log.info("resuming %s after round %d", job.path, point.last_round)
-            training = point.training and f", training stage {point.training['stage']} after epoch {point.training['epoch']}"
-            archive.record_event("resume", f"after round {point.last_round}{training or ''} on {_where(job.world)}")
-        else:
-            archive = Archive.create(job.path, config_yaml=config_yaml, model_name=job.config.model.name,
-                                     params=_param_table(job), world_size=job.world.size, backend=job.world.name,
-                                     force=force)
-            archive.record_event("start", _where(job.world))
+    """Create the archive, or reopen it to resume; every rank learns the resume point, or the refusal."""
+    point = agreed(job.world, lambda: _open_on_root(job, resume=resume, force=force) if job.world.is_root else None)
     shared = job.world.broadcast_bytes(json.dumps(asdict(point)).encode() if job.world.is_root else None)
     return ResumePoint(**json.loads(shared))
+
+
+def _open_on_root(job: Job, *, resume: bool, force: bool) -> ResumePoint:
+    check_output_path(job.path, state_path(job.path, "dense"))
+    config_yaml = job.config.to_yaml()
+    if resume and job.path.exists():
+        _check_states_exist(job.path)  # before open_resume writes: a refused resume changes nothing
+        archive = Archive.open_resume(job.path, config_yaml=config_yaml, world_size=job.world.size)
+        point = _read_resume_point(job.path, archive)
+        log.info("resuming %s after round %d", job.path, point.last_round)
+        training = point.training and f", training stage {point.training['stage']} after epoch {point.training['epoch']}"
+        archive.record_event("resume", f"after round {point.last_round}{training or ''} on {_where(job.world)}")
+        return point
+    archive = Archive.create(job.path, config_yaml=config_yaml, model_name=job.config.model.name,
+                             params=_param_table(job), world_size=job.world.size, backend=job.world.name, force=force)
+    archive.record_event("start", _where(job.world))
+    return ResumePoint()
 
 
 def _where(world: World) -> str:

@@ -22,10 +22,11 @@ from hpcprune.archive.codec import packed_kept, unpack_mask
 from hpcprune.archive.wire import MaskMessage
 from hpcprune.archive.writer import Archive, state_path
 from hpcprune.dist.ddp import wrap_for_training
+from hpcprune.dist.failures import raise_on_every_rank
 from hpcprune.models.builders import load_checkpoint, save_checkpoint
 from hpcprune.prune.gradual import GradualPruner, first_target
 from hpcprune.prune.masks import apply_masks
-from hpcprune.prune.selection import Selection
+from hpcprune.prune.selection import Selection, nothing_kept
 from hpcprune.prune.step import select_weights
 from hpcprune.run.fanout import select_fanned_out
 from hpcprune.run.job import Job
@@ -76,6 +77,7 @@ def prune_round(job: Job, round_index: int, rounds: int, target: float) -> float
         selection = select_fanned_out(job, round_index, first_target(config, target))
     else:
         selection = select_weights(job, first_target(config, target))  # calibrate -> score -> select
+    _refuse_keeping_nothing(job, selection, first_target(config, target))
     seconds = {"select": time.perf_counter() - started}
 
     started = time.perf_counter()
@@ -139,8 +141,16 @@ def _record_round(job, gathered: MaskMessage, round_index, target, selection: Se
 def _reselect(job: Job, sparsity: float) -> tuple[Selection, dict[str, torch.Tensor]]:
     """One mask update of the gradual schedule: select at `sparsity`, share, unpack."""
     selection = select_weights(job, sparsity)
+    _refuse_keeping_nothing(job, selection, sparsity)
     job.masks = share_masks(selection.masks, job.world)
     return selection, _bool_masks(job)
+
+
+def _refuse_keeping_nothing(job: Job, selection: Selection, sparsity: float) -> None:
+    """A selection that keeps no weight is refused (selection.kept is the same sum on every rank)."""
+    refusal = nothing_kept(selection, rule=job.config.prune.rule, sparsity=sparsity, threshold=job.config.prune.threshold)
+    if refusal is not None:
+        raise_on_every_rank(job.world, refusal)
 
 
 def _bool_masks(job: Job) -> dict[str, torch.Tensor]:

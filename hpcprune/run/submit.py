@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from hpcprune.archive.atomic import check_output_path
+from hpcprune.archive.writer import state_path
 from hpcprune.config import RunConfig
 from hpcprune.dist.logs import setup_logging
 from hpcprune.dist.world import SingleWorld, World
@@ -82,12 +83,15 @@ def task_world(environment) -> World:
     """The World of a submitit task: ranks from the job environment, rendezvous on the first host."""
     if environment.num_tasks == 1:
         return SingleWorld()
-    from hpcprune.dist.torch_dist import TorchWorld
+    from hpcprune.dist.torch_dist import joined_by_announcement
 
-    # Every task derives the same port from the job id; different jobs on one node do not collide.
-    port = 20000 + int(re.sub(r"\D", "", environment.job_id) or 0) % 20000
-    return TorchWorld(environment.global_rank, environment.num_tasks, environment.local_rank,
-                      f"tcp://{environment.hostnames[0]}:{port}")
+    # Rank 0 announces its store on a free port of a list every task derives from the job id.
+    return joined_by_announcement(environment.global_rank, environment.num_tasks, environment.local_rank,
+                                  environment.hostnames[0], environment.job_id, f"submitit-{environment.job_id}")
+
+
+def _log_folder(archive: Path) -> Path:
+    return archive.parent / f"{archive.stem}.logs"
 
 
 def _requeue_through(handler) -> str | None:
@@ -110,11 +114,12 @@ def submit(config: RunConfig, options: SubmitOptions, *, resume: bool = False, f
     if options.cluster is not None and options.cluster not in CLUSTERS:
         raise UsageError(f"--cluster: unknown cluster {options.cluster!r}; use {' or '.join(CLUSTERS)}")
     archive = Path(config.output.path).absolute()
+    check_output_path(archive, _log_folder(archive), state_path(archive, "dense"))
     if archive.exists() and not (resume or force):
         raise UsageError(f"{archive} exists; pass --resume to continue it or --force to overwrite")
     config = config.model_copy(update={"output": config.output.model_copy(update={"path": str(archive)})})
     try:
-        executor = submitit.AutoExecutor(folder=archive.parent / f"{archive.stem}.logs" / "%j", cluster=options.cluster)
+        executor = submitit.AutoExecutor(folder=_log_folder(archive) / "%j", cluster=options.cluster)
         executor.update_parameters(
             name="hpcprune", nodes=options.nodes, tasks_per_node=options.tasks_per_node,
             gpus_per_node=options.tasks_per_node * options.gpus_per_task, timeout_min=options.time_min,
