@@ -12,7 +12,7 @@ import sys
 import h5py
 import numpy as np
 
-from hpcprune.dist.signals import PREEMPTED_EXIT
+from hpcprune.dist.signals import INTERRUPTED_EXIT, PREEMPTED_EXIT
 from tests.helpers import (
     CONFIGS,
     ROOT,
@@ -54,9 +54,9 @@ def prune(out, *extra: str) -> list[str]:
     return [sys.executable, "-m", "hpcprune", *prune_args(out, *extra)]
 
 
-def interrupt_on(marker: str, command: list[str], signal_number: int) -> tuple[int, str]:
+def interrupt_on(marker: str, command: list[str], signal_number: int, env: dict = PLAIN_ENV) -> tuple[int, str]:
     """Start `command`, send the signal once its log shows `marker`; its exit status and log."""
-    process = subprocess.Popen(command, cwd=ROOT, env=PLAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     log = []
     for line in process.stderr:
@@ -124,3 +124,17 @@ def test_a_gradual_round_stopped_mid_fine_tuning_is_redone_whole_to_the_same_mas
     with h5py.File(tmp_path / "resumed.h5", "r") as a, h5py.File(tmp_path / "uninterrupted.h5", "r") as b:
         assert np.array_equal(a["rounds/0001/history"][()], b["rounds/0001/history"][()])
         assert a["rounds/0001"].attrs["accuracy"] == b["rounds/0001"].attrs["accuracy"]
+
+
+def test_sigint_mid_fine_tuning_records_an_interrupt_and_stops_without_a_requeue(tmp_path):
+    """Ctrl-C stops like SIGTERM (same safe point, checkpoint, "interrupt" event) but is nobody's
+    preemption: no requeue is tried, even under SLURM, and the status is 130; --resume continues."""
+    env = {**PLAIN_ENV, "SLURM_JOB_ID": "999999999"}  # a requeue would be tried, and fail, for this job
+    status, log = interrupt_on(EPOCH_MARKER, prune(tmp_path / "run.h5"), signal.SIGINT, env=env)
+    assert status == INTERRUPTED_EXIT, log
+    assert "could not requeue" not in log
+    kinds = events(tmp_path / "run.h5")
+    assert [kind for kind, _ in kinds] == ["start", "interrupt"] and kinds[1][1].endswith("on SIGINT on 1 rank(s)")
+    resumed = run_cli(*prune_args(tmp_path / "run.h5", "--resume"), env=PLAIN_ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [kind for kind, _ in events(tmp_path / "run.h5")] == ["start", "interrupt", "resume", "finish"]

@@ -2,6 +2,7 @@
 
     sbatch slurm/prune.sh configs/quickstart.yaml      # SLURM sends SIGUSR1 before the time limit
     scancel --signal=USR1 <job id>                      # or ask for it by hand
+    hpcprune prune ...   then Ctrl-C                    # SIGINT: the same stop, no requeue, status 130
 
 A signal only raises a flag (`listen`); the run looks at it at its safe points — between rounds and
 after each fine-tuning epoch — through `agreed_to_stop`, one allreduce of the flags, so every rank
@@ -14,6 +15,10 @@ rank 0 records what resume needs (a complete round is already on disk; mid-fine-
 to the archive, requeues the job when it runs under SLURM (`scontrol requeue $SLURM_JOB_ID`, then a
 "requeue" event), and every rank exits with `PREEMPTED_EXIT` (75, EX_TEMPFAIL: try again later).
 The requeued job, or `hpcprune prune --resume` by hand, continues from the archive.
+
+SIGINT (Ctrl-C) stops the same way and records the same "interrupt" event, but someone asked the
+run to stop rather than the scheduler to make room: nothing is requeued and the status is 130
+(128 + SIGINT), unless a preemption signal came too. A second SIGINT stops at once.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from hpcprune.dist.world import World
 log = logging.getLogger("hpcprune")
 
 PREEMPTED_EXIT = 75  # sysexits.h EX_TEMPFAIL: the run stopped cleanly and can be continued
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+INTERRUPTED_EXIT = 128 + signal.SIGINT  # what a shell reports for a command stopped by Ctrl-C
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 # Every signal a run may listen to (submitit's jobs add SIGUSR2): the flags' fixed order in the allreduce.
-KNOWN_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+KNOWN_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 _received = dict.fromkeys(KNOWN_SIGNALS, 0)  # signal number -> times this process received it
 
@@ -47,6 +53,11 @@ class Preempted(Exception):
     def __init__(self, archive: Path, where: str, signals: str):
         super().__init__(f"stopped {where} on {signals}")
         self.archive, self.where, self.signals = Path(archive), where, signals
+
+    @property
+    def asked_by_user(self) -> bool:
+        """Only SIGINT stopped the run: someone wants it stopped, not requeued."""
+        return all(part.startswith(signal.SIGINT.name + " ") for part in self.signals.split(", "))
 
 
 def listen(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
@@ -59,6 +70,9 @@ def listen(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
 
 def _remember(number: int, frame) -> None:
     _received[number] += 1
+    if number == signal.SIGINT and _received[number] > 1:  # Ctrl-C twice: do not wait for the safe point
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
 
 
 def agreed_to_stop(world: World) -> str | None:
@@ -114,8 +128,8 @@ def exits_when_preempted(world: World, requeue: Requeue = scontrol_requeue) -> I
             archive.record_event("interrupt", str(stop))
             # The event comes after the requeue succeeded: the requeue is what SLURM may kill us for
             # (SIGTERM, then SIGKILL after KillWait), and writing a row takes milliseconds.
-            requeued = requeue()
+            requeued = None if stop.asked_by_user else requeue()
             if requeued:
                 archive.record_event("requeue", requeued)
         world.close()
-        raise SystemExit(PREEMPTED_EXIT) from None
+        raise SystemExit(INTERRUPTED_EXIT if stop.asked_by_user else PREEMPTED_EXIT) from None
