@@ -3,10 +3,13 @@
     mpirun -n 3 python -m tests.drivers masks OUT_DIR NAME:KEY=VALUE;KEY=VALUE ...
     mpirun -n 2 python -m tests.drivers train OUT_DIR [hpcprune prune args]
     mpirun -n 2 python -m tests.drivers cli [hpcprune prune args]   (with an extra failing criterion)
+    mpirun -n 2 python -m tests.drivers gradual OUT_DIR CONFIG KEY=VALUE ...   (records each mask update)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,6 +18,8 @@ from hpcprune import registry
 from hpcprune.config import load_config
 from hpcprune.dist.detect import detect_world
 from hpcprune.models.builders import save_checkpoint
+from hpcprune.prune.gradual import GradualPruner
+from hpcprune.prune.masks import unwrap
 from hpcprune.prune.scoring import CRITERIA
 from hpcprune.run.pipeline import run
 
@@ -40,6 +45,30 @@ def train(out_dir: str, config_path: str, *overrides: str) -> None:
     world.close()
 
 
+def gradual(out_dir: str, config_path: str, *overrides: str) -> None:
+    """One gradual run; rank 0 writes every mask update to OUT_DIR/updates.json: its schedule step,
+    s_t, kept count, and a digest of the model's zero pattern (the masks, while no kept weight is 0)."""
+    world = detect_world()
+    config = load_config(config_path, list(overrides) + [f"output.path={out_dir}/run.h5", "progress=false"])
+    seen = []
+    making_update = GradualPruner.__call__
+
+    def recording(pruner, enforcer):
+        before = len(pruner.updates)
+        making_update(pruner, enforcer)
+        if len(pruner.updates) > before:
+            step, sparsity, kept = pruner.updates[-1]
+            weights = [p.detach() for name, p in unwrap(pruner._model).named_parameters() if p.dim() > 1]
+            zeros = hashlib.sha256(b"".join((weight != 0).numpy().tobytes() for weight in weights)).hexdigest()
+            seen.append({"step": step, "sparsity": sparsity, "kept": kept, "masks": zeros})
+
+    GradualPruner.__call__ = recording
+    run(config, world, force=True)
+    if world.is_root:
+        Path(out_dir, "updates.json").write_text(json.dumps(seen))
+    world.close()
+
+
 def explode_on_failing_rank(spec, weight, context, out=None):
     if os.environ.get("HPCPRUNE_TEST_FAIL_RANK") == os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK")):
         raise RuntimeError("injected failure during scoring")
@@ -57,4 +86,4 @@ def cli(*args: str) -> None:
 
 
 if __name__ == "__main__":
-    {"masks": masks, "train": train, "cli": cli}[sys.argv[1]](*sys.argv[2:])
+    {"masks": masks, "train": train, "cli": cli, "gradual": gradual}[sys.argv[1]](*sys.argv[2:])

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -19,16 +21,16 @@ from hpcprune.errors import UsageError
 from hpcprune.models.builders import build_model, load_state_file
 from hpcprune.models.data import load_data
 from hpcprune.models.weights import ModelWeights
-from hpcprune.prune.gradual import GradualPruner
+from hpcprune.prune.gradual import GradualPruner, schedule_steps
 from hpcprune.prune.plan import make_plan
 from hpcprune.prune.rules import select
-from hpcprune.prune.schedule import gradual_end, gradual_sparsity
+from hpcprune.prune.schedule import gradual_end, gradual_sparsity, gradual_update_within
 from hpcprune.prune.scoring import LazyScores, ScoreContext
 from hpcprune.prune.selection import prune_count
 from hpcprune.run.pipeline import run
 from hpcprune.train.distill import DistillationLoss
 from hpcprune.train.finetune import train
-from tests.helpers import CONFIGS, archive_masks, driver, launch
+from tests.helpers import CONFIGS, archive_masks, assert_same_masks, driver, launch
 
 GRADUAL = ScheduleConfig(kind="gradual", initial_sparsity=0.1, start_step=3, interval=4, updates=5)
 
@@ -201,3 +203,58 @@ def test_gradual_under_mpirun_keeps_replicas_identical_and_reaches_the_target(mp
         assert torch.count_nonzero(replicas[0][name].flatten()[~keep]) == 0
         kept += int(keep.sum())
     assert kept == total - prune_count(0.75, total)
+
+
+# --- the gradual schedule at any world size -------------------------------------------------------------
+
+GRADUAL_RUN = ("pretrain.epochs=0", "schedule.kind=gradual", "schedule.rounds=1", "schedule.interval=4",
+               "schedule.updates=3", "schedule.initial_sparsity=0.2", "finetune.epochs=1")
+# SGD so slow that no weight moves (1e-30 of a gradient vanishes next to any float32 weight): training
+# then cannot depend on the world size, and only the schedule and the selection are compared.
+STILL = ("finetune.optimizer={name: sgd, lr: 1.0e-30, momentum: 0.0, weight_decay: 0.0}",)
+
+
+def gradual_updates(mpirun, out, ranks: int, *overrides: str) -> list[dict]:
+    command = driver("gradual", str(out), str(CONFIGS / "smoke.yaml"), *GRADUAL_RUN, *overrides)
+    out.mkdir()
+    finished = launch(command if ranks == 1 else [mpirun, "-n", str(ranks), *command])
+    assert finished.returncode == 0, finished.stderr
+    return json.loads((out / "updates.json").read_text())
+
+
+def test_gradual_masks_move_at_the_same_steps_to_the_same_masks_on_one_and_two_ranks(mpirun, mpi4py, tmp_path):
+    """A step is a batch of data.batch_size over all ranks: 16 per epoch here on 1 rank (1024 / 64) and
+    on 2 (8 optimizer steps of 2 x 64). With weights that training does not move, each update then
+    selects bit for bit the same masks, and the rounds record the same masks."""
+    alone, two = (gradual_updates(mpirun, tmp_path / f"n{ranks}", ranks, *STILL) for ranks in (1, 2))
+    assert [update["step"] for update in alone] == [4, 8, 12]
+    assert alone == two
+    assert_same_masks(tmp_path / "n2" / "run.h5", tmp_path / "n1" / "run.h5", rounds=(1,))
+
+
+def test_gradual_updates_fall_on_the_same_steps_and_targets_while_training_differs(mpirun, mpi4py, tmp_path):
+    """Really trained, the ranks average gradients over other batches than one process does, so the
+    weights (and masks) may differ; the schedule does not: same update steps, targets and kept counts."""
+    alone, two = (gradual_updates(mpirun, tmp_path / f"n{ranks}", ranks) for ranks in (1, 2))
+    schedule = [(update["step"], update["sparsity"], update["kept"]) for update in alone]
+    assert [update["step"] for update in alone] == [4, 8, 12]
+    assert [(update["step"], update["sparsity"], update["kept"]) for update in two] == schedule
+
+
+def test_a_gradual_step_counts_the_batches_of_every_rank():
+    schedule = ScheduleConfig(kind="gradual", start_step=0, interval=4, updates=3)
+    # 3 ranks: an optimizer step covers 3 schedule steps; updates at 4, 8, 12 fall on steps 6, 9, 12
+    crossed = [gradual_update_within(schedule, 0.9, step - 3, step) for step in range(3, 16, 3)]
+    assert [due and due[0] for due in crossed] == [None, 4, 8, 12, None]
+    assert crossed[3] == (12, 0.9)  # the last update is the target itself
+    two_at_once = ScheduleConfig(kind="gradual", start_step=0, interval=1, updates=8)
+    assert gradual_update_within(two_at_once, 0.9, 2, 5) == (5, gradual_sparsity(two_at_once, 0.9, 5))
+    assert schedule_steps(batches_per_rank=8, world_size=2, epochs=3) == 48
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_the_fashion_mnist_gradual_config_fits_fine_tuning_at_any_world_size(ranks):
+    config = load_config(CONFIGS / "fmnist_lenet300_gradual.yaml")
+    per_rank = -(-(60000 - config.data.validation_size) // ranks)  # DistributedSampler: padded to equal shares
+    batches = -(-per_rank // config.data.batch_size)
+    assert gradual_end(config.schedule) <= schedule_steps(batches, ranks, config.finetune.epochs)

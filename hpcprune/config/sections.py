@@ -153,9 +153,10 @@ class ScheduleConfig(Section):
     initial_sparsity: float = Field(0.0, ge=0, lt=1)
     """gradual: s_i, the sparsity when fine-tuning starts (Zhu & Gupta 2017)."""
     start_step: int = Field(0, ge=0)
-    """gradual: t0, the fine-tuning step of the first mask update's origin."""
+    """gradual: t0, the fine-tuning step of the first mask update's origin. A step is one batch of
+    data.batch_size samples over all ranks: on n ranks an optimizer step is n steps."""
     interval: int = Field(50, gt=0)
-    """gradual: Δt, optimizer steps between mask updates."""
+    """gradual: Δt, steps between mask updates."""
     updates: int = Field(10, gt=0)
     """gradual: n, the number of mask updates; the last, at step t0 + nΔt, reaches prune.sparsity."""
     rewind_epoch: int | None = Field(None, ge=0)

@@ -61,6 +61,18 @@ def gradual_sparsity(schedule: ScheduleConfig, target: float, step: int) -> floa
     return target + (schedule.initial_sparsity - target) * (1 - update / schedule.updates) ** 3
 
 
+def gradual_update_within(schedule: ScheduleConfig, target: float, after: int, upto: int) -> tuple[int, float] | None:
+    """The last mask update whose step lies in (after, upto], and its s_t: on several ranks one
+    optimizer step covers several schedule steps (hpcprune.prune.gradual), and may cross an update."""
+    if upto <= schedule.start_step:
+        return None
+    update = min((upto - schedule.start_step) // schedule.interval, schedule.updates)
+    step = schedule.start_step + update * schedule.interval
+    if update < 1 or step <= after:
+        return None
+    return step, gradual_sparsity(schedule, target, step)
+
+
 def gradual_end(schedule: ScheduleConfig) -> int:
     """The optimizer step of the last mask update: t0 + nΔt."""
     return schedule.start_step + schedule.updates * schedule.interval
