@@ -8,7 +8,9 @@ With HPCPRUNE_TEST_KILLED=FILE the killed rank first writes the point it died at
     HPCPRUNE_TEST_RAISE=select:2:MemoryError HPCPRUNE_TEST_RAISE_RANK=1 mpirun -n 2 python -m tests.crash_points prune ...
 
 raises that exception (a builtin's name) instead of killing: a failure inside the run, on one rank,
-that the run's own error handling must carry to every rank.
+that the run's own error handling must carry to every rank. HPCPRUNE_TEST_HANG=allreduce:2:20 makes
+the rank sleep 20 s there (a rank that hangs), HPCPRUNE_TEST_MISMATCH=broadcast:1 makes it run an
+allreduce of its own first (ranks whose collectives differ).
 
 Nothing here is reachable from `hpcprune` itself: the points are installed by wrapping functions of
 the real modules when this driver starts, and only when the environment asks for them. The kill is
@@ -26,7 +28,10 @@ import json
 import os
 import signal
 import sys
+import time
 from collections import Counter
+
+import numpy as np
 
 # name -> (module, attribute, when): the step is killed just "before" or just "after" the call.
 POINTS = {
@@ -65,8 +70,14 @@ def _target(variable: str) -> tuple[str, int, str] | None:
     return point, int(nth or 1), exception
 
 
-def reached(point: str) -> None:
+def reached(point: str, world=None) -> None:
     counts[point] += 1
+    hang = _target("HPCPRUNE_TEST_HANG")
+    if hang is not None and hang[:2] == (point, counts[point]):
+        time.sleep(float(hang[2] or 30))
+    mismatch = _target("HPCPRUNE_TEST_MISMATCH")
+    if world is not None and mismatch is not None and mismatch[:2] == (point, counts[point]):
+        type(world).allreduce_sum(world, np.zeros(7, dtype=np.int64))  # the class's: not counted again
     failure = _target("HPCPRUNE_TEST_RAISE")
     if failure is not None and failure[:2] == (point, counts[point]):
         exception = getattr(builtins, failure[2] or "RuntimeError")
@@ -80,11 +91,11 @@ def reached(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _wrap(point: str, function, when: str):
+def _wrap(point: str, function, when: str, world=None):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         if when == "before":
-            reached(point)
+            reached(point, world)
         result = function(*args, **kwargs)
         if when == "after":
             reached(point)
@@ -115,7 +126,7 @@ def _wrap_world(detect):
         world = detect()
         for point, (module, attribute, when) in POINTS.items():
             if module == "world":
-                setattr(world, attribute, _wrap(point, getattr(world, attribute), when))
+                setattr(world, attribute, _wrap(point, getattr(world, attribute), when, world))
         return world
 
     return wrapper

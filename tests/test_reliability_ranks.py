@@ -116,3 +116,35 @@ def test_an_exception_on_one_rank_ends_every_rank_and_is_reported_once(mpirun, m
     assert finished.returncode != 0
     output = finished.stdout + finished.stderr
     assert output.count(message) == 1, output
+
+
+# --- torch.distributed failures say what happened ---------------------------------------------------
+
+
+def torchrun_with(out: Path, env: dict[str, str]) -> str:
+    command = [*torchrun(2, "--no-python"), sys.executable, "-m", "tests.crash_points", "prune", "--config",
+               str(CONFIGS / "oneshot_global.yaml"), "--out", str(out), "-q"]
+    try:
+        finished = launch(command, timeout=HANG_LIMIT, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run was still running {HANG_LIMIT} s later")
+    assert finished.returncode != 0
+    return finished.stdout + finished.stderr
+
+
+def test_a_collective_that_times_out_says_so(tmp_path):
+    """Rank 1 hangs for 20 s before an allreduce; rank 0 waits the 5 s timeout and says that it timed
+    out, not that another rank is gone (rank 1, once it wakes, does find rank 0 gone)."""
+    output = torchrun_with(tmp_path / "run.h5", {"HPCPRUNE_COLLECTIVE_TIMEOUT": "5", "HPCPRUNE_TEST_HANG": "allreduce:2:20",
+                            "HPCPRUNE_TEST_HANG_RANK": "1"})
+    assert re.search(r"\[rank 0\] stopping: a collective waited 5 s \(HPCPRUNE_COLLECTIVE_TIMEOUT\) for a rank that "
+                     r"never came", output), output
+    assert "[rank 0] stopping: another rank is gone" not in output
+
+
+def test_ranks_that_run_different_collectives_are_told_so_with_the_traceback(tmp_path):
+    """TORCH_DISTRIBUTED_DEBUG=DETAIL compares the ranks' collectives: a mismatch is a bug, not a lost peer."""
+    output = torchrun_with(tmp_path / "run.h5", {"TORCH_DISTRIBUTED_DEBUG": "DETAIL", "HPCPRUNE_TEST_MISMATCH": "broadcast:1",
+                            "HPCPRUNE_TEST_MISMATCH_RANK": "1"})
+    assert output.count("CollectiveMismatch: the ranks ran different collectives at the same step") >= 1, output
+    assert "Traceback" in output and "another rank is gone" not in output
