@@ -4,6 +4,7 @@
     mpirun -n 2 python -m tests.drivers train OUT_DIR [hpcprune prune args]
     mpirun -n 2 python -m tests.drivers cli [hpcprune prune args]   (with an extra failing criterion)
     mpirun -n 2 python -m tests.drivers gradual OUT_DIR CONFIG KEY=VALUE ...   (records each mask update)
+    mpirun -n 2 python -m tests.drivers rng OUT_DIR     (each rank's generators saved on rank 0, restored)
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from hpcprune import registry
 from hpcprune.config import load_config
+from hpcprune.dist import ddp
 from hpcprune.dist.detect import detect_world
 from hpcprune.models.builders import save_checkpoint
 from hpcprune.prune.gradual import GradualPruner
 from hpcprune.prune.masks import unwrap
 from hpcprune.prune.scoring import CRITERIA
 from hpcprune.run.pipeline import run
+from hpcprune.train.checkpoint import restore_rng, rng_of_every_rank
 
 REFERENCE = Path(__file__).resolve().parent.parent / "configs" / "oneshot_global.yaml"
 
@@ -37,11 +43,14 @@ def masks(out_dir: str, *cases: str) -> None:
 
 
 def train(out_dir: str, config_path: str, *overrides: str) -> None:
-    """One run with fine-tuning; every rank then saves the parameters it ended with."""
+    """One run with fine-tuning; every rank then saves the parameters it ended with, and the process
+    groups it trained with (rank<r>.json: the default group's backend, how many nccl groups were made)."""
     world = detect_world()
     config = load_config(config_path, list(overrides) + [f"output.path={out_dir}/run.h5", "progress=false"])
     result = run(config, world, force=True)
     save_checkpoint(result.model, f"{out_dir}/rank{world.rank}.safetensors")
+    groups = {"default": dist.get_backend() if dist.is_initialized() else None, "nccl": len(ddp._nccl_groups)}
+    Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps(groups))
     world.close()
 
 
@@ -69,6 +78,29 @@ def gradual(out_dir: str, config_path: str, *overrides: str) -> None:
     world.close()
 
 
+def rng(out_dir: str) -> None:
+    """Every rank seeds its generators differently, rank 0 saves all of them as a training checkpoint
+    does, every rank loses its state and restores it from the file; each writes what it drew after
+    saving and after restoring (CPU, and its own GPU when there is one)."""
+    world = detect_world()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(world.local_rank)
+        torch.cuda.init()
+    torch.manual_seed(100 + world.rank)  # seeds this rank's GPU too
+    saved = rng_of_every_rank(world)
+    devices = ["cpu", "cuda"] if cuda else ["cpu"]
+    expected = {device: torch.rand(4, device=device).tolist() for device in devices}
+    if world.is_root:
+        torch.save({"ranks": saved}, Path(out_dir, "rng.pt"))
+    world.barrier()
+    torch.manual_seed(999)
+    restore_rng(torch.load(Path(out_dir, "rng.pt"), weights_only=True), world.rank)
+    restored = {device: torch.rand(4, device=device).tolist() for device in devices}
+    Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps({"expected": expected, "restored": restored}))
+    world.close()
+
+
 def explode_on_failing_rank(spec, weight, context, out=None):
     if os.environ.get("HPCPRUNE_TEST_FAIL_RANK") == os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK")):
         raise RuntimeError("injected failure during scoring")
@@ -86,4 +118,4 @@ def cli(*args: str) -> None:
 
 
 if __name__ == "__main__":
-    {"masks": masks, "train": train, "cli": cli, "gradual": gradual}[sys.argv[1]](*sys.argv[2:])
+    {"masks": masks, "train": train, "cli": cli, "gradual": gradual, "rng": rng}[sys.argv[1]](*sys.argv[2:])

@@ -18,6 +18,7 @@ from tests.helpers import (
     ROOT,
     assert_same_masks,
     complete_rounds,
+    driver,
     launch,
     run_cli,
 )
@@ -138,3 +139,13 @@ def test_sigint_mid_fine_tuning_records_an_interrupt_and_stops_without_a_requeue
     resumed = run_cli(*prune_args(tmp_path / "run.h5", "--resume"), env=PLAIN_ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert [kind for kind, _ in events(tmp_path / "run.h5")] == ["start", "interrupt", "resume", "finish"]
+
+
+def test_each_rank_restores_its_own_generators_not_rank_0s(mpirun, mpi4py, tmp_path):
+    """The training checkpoint keeps every rank's RNG state (CPU, and its own GPU's where there is one)."""
+    finished = launch([mpirun, "-n", "2", *driver("rng", str(tmp_path))], timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    drawn = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert drawn[0]["expected"] != drawn[1]["expected"]  # the ranks' generators really differ
+    for rank, seen in enumerate(drawn):
+        assert seen["restored"] == seen["expected"], f"rank {rank}"

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpcprune.dist.ddp import shutdown_process_group
+from hpcprune.dist.ddp import COLLECTIVE_TIMEOUT, shutdown_process_group
 from hpcprune.dist.rendezvous import store_by_announcement
 from hpcprune.dist.world import CollectiveMismatch, CollectiveTimeout, PeerLost, World, is_peer_loss
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("HPCPRUNE_COLLECTIVE_TIMEOUT", "300")))
 Result = TypeVar("Result")
 
 

@@ -23,6 +23,7 @@ import torch
 from hpcprune import registry
 from hpcprune.archive.writer import Archive
 from hpcprune.config import CHECKPOINT_MODEL, RunConfig
+from hpcprune.dist.ddp import refuse_shared_gpus
 from hpcprune.dist.failures import agreed
 from hpcprune.dist.signals import stop_here
 from hpcprune.dist.world import World
@@ -48,6 +49,7 @@ def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = 
     # Every rank reads the user's files (data, model code, checkpoint) itself: a refusal on any rank
     # is raised on all of them, before anything is written (hpcprune.dist.failures).
     job = agreed(world, lambda: _job(config, world))
+    refuse_shared_gpus(world, job.device)
     point = open_run_archive(job, resume=resume, force=force)
     job.saved_training = SavedTraining(**point.training) if point.training else None
     dense_accuracy = dense_model(job, point) if job.model is not None else math.nan
@@ -81,6 +83,8 @@ def _job(config: RunConfig, world: World) -> Job:
 
 def _model_job(config: RunConfig, world: World) -> Job:
     device = resolve_device(config.device, local_rank=world.local_rank)
+    if device.type == "cuda":  # this rank's GPU, before anything (NCCL, RNG, the model) touches one
+        torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
     splits = None if is_hf_model(config.model.name) else load_data(config.data, config.seed)  # text: no images
     shape = {} if splits is None else dict(in_channels=splits.input_shape[0], num_classes=splits.num_classes)
