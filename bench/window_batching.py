@@ -40,7 +40,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def smollm2_block(seed: int):
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import (
+        LlamaDecoderLayer,
+        LlamaRotaryEmbedding,
+    )
 
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                          head_dim=64, num_hidden_layers=1, max_position_embeddings=8192, rope_theta=100000.0)
