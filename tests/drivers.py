@@ -5,6 +5,8 @@
     mpirun -n 2 python -m tests.drivers cli [hpcprune prune args]   (with an extra failing criterion)
     mpirun -n 2 python -m tests.drivers gradual OUT_DIR CONFIG KEY=VALUE ...   (records each mask update)
     mpirun -n 2 python -m tests.drivers rng OUT_DIR     (each rank's generators saved on rank 0, restored)
+    HPCPRUNE_MAX_MESSAGE_BYTES=7 mpirun -n 3 python -m tests.drivers messages OUT.json
+    mpirun -n 2 python -m tests.drivers gather_growth OUT_DIR BYTES
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -117,5 +120,52 @@ def cli(*args: str) -> None:
     main()
 
 
+MESSAGE_SIZES = (0, 1, 6, 7, 8, 15, 64)
+
+
+def message_bytes(sender: int, size: int) -> bytes:
+    """What `sender` sends as its message of `size` bytes: different for every sender and size."""
+    return bytes((sender * 31 + size + i) % 251 for i in range(size))
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def messages(out_file: str) -> None:
+    """Every byte message of the World once: rank 0 records (as digests) what it received."""
+    world = detect_world()
+    received = {"sent": [], "broadcast": [], "gathered": []}
+    for size in MESSAGE_SIZES:  # every rank sends rank 0 its messages, in order
+        if world.rank:
+            world.send_bytes(message_bytes(world.rank, size), 0)
+    if world.is_root:
+        received["sent"] = [[digest(world.recv_bytes(rank)) for size in MESSAGE_SIZES] for rank in range(1, world.size)]
+    for root in range(world.size):
+        data = world.broadcast_bytes(message_bytes(root, 20 + root) if world.rank == root else None, root=root)
+        received["broadcast"].append(digest(data))
+    gathered = world.gather_bytes(message_bytes(world.rank, 3 * world.rank))
+    if world.is_root:
+        received["gathered"] = [digest(data) for data in gathered]
+        Path(out_file).write_text(json.dumps(received))
+    world.barrier()
+    world.close()
+
+
+def gather_growth(out_dir: str, nbytes: str) -> None:
+    """Rank 0 gathers `nbytes` of its own and none of the others': each rank records how much its
+    peak RSS grew in the gather (KiB)."""
+    world = detect_world()
+    data = bytes(int(nbytes)) if world.is_root else b""
+    world.barrier()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    world.gather_bytes(data)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps({"grown_kib": grown}))
+    world.barrier()
+    world.close()
+
+
 if __name__ == "__main__":
-    {"masks": masks, "train": train, "cli": cli, "gradual": gradual, "rng": rng}[sys.argv[1]](*sys.argv[2:])
+    {"masks": masks, "train": train, "cli": cli, "gradual": gradual, "rng": rng, "messages": messages,
+     "gather_growth": gather_growth}[sys.argv[1]](*sys.argv[2:])

@@ -3,8 +3,9 @@
     mpirun -n 4 hpcprune prune --config configs/oneshot_global.yaml
 
 Collectives use mpi4py's buffer interface (upper-case methods): numpy arrays and raw bytes, no
-pickling. An MPI launch without mpi4py installed is an error, not a silent single process: four
-independent copies writing one archive would be worse than stopping.
+pickling; byte messages travel in pieces that fit MPI's int counts (`hpcprune.dist.pieces`). An MPI
+launch without mpi4py installed is an error, not a silent single process: four independent copies
+writing one archive would be worse than stopping.
 """
 
 from __future__ import annotations
@@ -32,24 +33,14 @@ class MpiWorld(World):
         self.comm.Allreduce(source, result, op=self._mpi.SUM)
         return result
 
-    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
-        length = np.array([len(data) if self.rank == root else 0], dtype=np.int64)
-        self.comm.Bcast(length, root=root)
-        buffer = np.frombuffer(data, dtype=np.uint8).copy() if self.rank == root else np.empty(int(length[0]), np.uint8)
-        self.comm.Bcast(buffer, root=root)
-        return buffer.tobytes()
+    def _send_array(self, array: np.ndarray, dest: int) -> None:
+        self.comm.Send(array, dest=dest)
 
-    def gather_bytes(self, data: bytes, root: int = 0) -> list[bytes] | None:
-        lengths = np.zeros(self.size, dtype=np.int64)
-        self.comm.Gather(np.array([len(data)], dtype=np.int64), lengths, root=root)
-        mine = np.frombuffer(data, dtype=np.uint8)
-        if self.rank != root:
-            self.comm.Gatherv(mine, None, root=root)
-            return None
-        buffer = np.empty(int(lengths.sum()), dtype=np.uint8)
-        self.comm.Gatherv(mine, (buffer, lengths), root=root)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        return [buffer[offsets[i]:offsets[i + 1]].tobytes() for i in range(self.size)]
+    def _recv_array(self, array: np.ndarray, source: int) -> None:
+        self.comm.Recv(array, source=source)
+
+    def _broadcast_array(self, array: np.ndarray, root: int) -> None:
+        self.comm.Bcast(array, root=root)
 
     def barrier(self) -> None:
         self.comm.Barrier()

@@ -4,7 +4,9 @@
     srun --ntasks 4 hpcprune prune --config configs/oneshot_global.yaml
 
 The World's collectives run on a gloo group on the CPU (they move numpy arrays), whatever backend
-DDP later uses for gradients. A failed collective says what happened: a peer that died raises
+DDP later uses for gradients. Byte messages go point to point in bounded pieces (`hpcprune.dist.pieces`):
+gloo has no variable-size gather, and padding every rank's bytes to the longest would cost each
+rank the largest message. A failed collective says what happened: a peer that died raises
 `PeerLost` (a surviving rank then says only that it stops, instead of a second copy of the peer's
 error), a peer that never came within the timeout `CollectiveTimeout`, ranks that ran different
 collectives (seen with TORCH_DISTRIBUTED_DEBUG=DETAIL) `CollectiveMismatch`; anything else is
@@ -48,25 +50,17 @@ class TorchWorld(World):
         _collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group))
         return tensor.numpy()
 
-    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
-        length = torch.tensor([len(data) if self.rank == root else 0], dtype=torch.int64)
-        _collective(lambda: dist.broadcast(length, src=root, group=self.group))
-        buffer = _bytes_tensor(data) if self.rank == root else torch.empty(int(length), dtype=torch.uint8)
-        _collective(lambda: dist.broadcast(buffer, src=root, group=self.group))
-        return buffer.numpy().tobytes()
+    def _send_array(self, array: np.ndarray, dest: int) -> None:
+        tensor = _tensor_of(array)
+        _collective(lambda: dist.send(tensor, dst=dest, group=self.group))
 
-    def gather_bytes(self, data: bytes, root: int = 0) -> list[bytes] | None:
-        # gloo has no variable-size gather: agree on the largest length, pad, gather, trim.
-        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
-        _collective(lambda: dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64), group=self.group))
-        longest = max(int(length) for length in lengths)
-        padded = torch.zeros(longest, dtype=torch.uint8)
-        padded[: len(data)] = _bytes_tensor(data)
-        buffers = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)] if self.rank == root else None
-        _collective(lambda: dist.gather(padded, buffers, dst=root, group=self.group))
-        if self.rank != root:
-            return None
-        return [buffer[: int(length)].numpy().tobytes() for buffer, length in zip(buffers, lengths)]
+    def _recv_array(self, array: np.ndarray, source: int) -> None:
+        tensor = torch.from_numpy(array)  # received into the array's own memory
+        _collective(lambda: dist.recv(tensor, src=source, group=self.group))
+
+    def _broadcast_array(self, array: np.ndarray, root: int) -> None:
+        tensor = _tensor_of(array) if self.rank == root else torch.from_numpy(array)
+        _collective(lambda: dist.broadcast(tensor, src=root, group=self.group))
 
     def barrier(self) -> None:
         _collective(lambda: dist.barrier(group=self.group))
@@ -80,8 +74,9 @@ class TorchWorld(World):
         shutdown_process_group()
 
 
-def _bytes_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+def _tensor_of(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing `array`'s memory; a read-only view (of bytes) is copied, one piece at most."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _collective(call: Callable[[], Result]) -> Result:
