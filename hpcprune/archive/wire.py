@@ -3,7 +3,8 @@
     mpirun -n 2 hpcprune prune ...                                   # rank 1 -> rank 0 -> every rank
     hpcprune prune ... --set fanout.backend=dask                     # task -> result file -> coordinator
 
-A message is one JSON header line, then each mask's chunks in header order. A mask travels as the
+A message is one JSON header line, then each mask's chunks in header order; a file of messages (a
+fan-out task's masks) holds them one after another, so it is written and read one mask at a time. A mask travels as the
 archive stores it: `hpcprune.archive.codec` chunks (deflate + fletcher32), compressed once by the
 process that selected it, so rank 0 writes the chunks it receives as they are, and every receiver
 checks the checksums when it unpacks. The header also carries each mask's kept count and a few
@@ -13,9 +14,9 @@ facts of the sender (a fan-out task's kept total and threshold), so no second fo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -48,10 +49,32 @@ class MaskMessage:
         return {name: decode_mask(self.masks[name][0]) for name in chosen}
 
     def to_bytes(self) -> bytes:
+        return b"".join(self._pieces())
+
+    def write_to(self, file: BinaryIO) -> None:
+        """Append this message to a file of messages."""
+        for piece in self._pieces():
+            file.write(piece)
+
+    def _pieces(self) -> Iterator[bytes]:
         entries = [[name, kept, encoded.nbytes, encoded.chunk_bytes, [len(chunk) for chunk in encoded.chunks]]
                    for name, (encoded, kept) in self.masks.items()]
-        header = json.dumps({"facts": self.facts, "masks": entries}).encode()
-        return b"".join([header, b"\n", *(chunk for encoded, _ in self.masks.values() for chunk in encoded.chunks)])
+        yield json.dumps({"facts": self.facts, "masks": entries}).encode() + b"\n"
+        for encoded, _ in self.masks.values():
+            yield from encoded.chunks
+
+    @classmethod
+    def read_from(cls, file: BinaryIO) -> MaskMessage | None:
+        """The next message of a file of messages; None at its end."""
+        header = file.readline()
+        if not header:
+            return None
+        described = json.loads(header)
+        lengths = [length for *_, chunk_lengths in described["masks"] for length in chunk_lengths]
+        body = file.read(sum(lengths))
+        if len(body) != sum(lengths):
+            raise ValueError(f"mask message: {sum(lengths) - len(body)} bytes missing at the end of the file")
+        return cls.from_bytes(header + body)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MaskMessage:
@@ -67,3 +90,9 @@ class MaskMessage:
         if offset != len(body):
             raise ValueError(f"mask message: {len(body) - offset} bytes beyond the masks its header lists")
         return cls(masks, described["facts"])
+
+
+def read_messages(file: BinaryIO) -> Iterator[MaskMessage]:
+    """The messages of a file of messages, one read at a time."""
+    while (message := MaskMessage.read_from(file)) is not None:
+        yield message

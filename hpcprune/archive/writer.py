@@ -44,7 +44,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,6 +84,8 @@ LAYERS_DTYPE = np.dtype([("name", STRING), ("numel", "i8"), ("kept", "i8"), ("sp
 HISTORY_DTYPE = np.dtype([("epoch", "i8"), ("train_loss", "f8"), ("eval_loss", "f8"), ("eval_accuracy", "f8")])
 EVENTS_DTYPE = np.dtype([("time", STRING), ("kind", STRING), ("detail", STRING)])
 EVENT_KINDS = ("start", "resume", "interrupt", "requeue", "finish")
+
+RoundMask = tuple[np.ndarray | EncodedMask, Sequence[int], int]  # (packed bits or encoded chunks, shape, kept)
 
 
 def state_path(archive_path: str | Path, label: str) -> Path:
@@ -167,10 +169,12 @@ class Archive:
             _commit(file, dense)
 
     def write_round(self, index: int, *, attrs: Mapping[str, Any],
-                    masks: Mapping[str, tuple[np.ndarray | EncodedMask, Sequence[int], int]],
+                    masks: Mapping[str, RoundMask] | Iterable[tuple[str, RoundMask]],
                     layers: Sequence[Mapping[str, Any]], history: Sequence[Any], progress: bool = False) -> None:
         """Record one round; `masks` maps tensor name -> (packed uint8 bits or their encoded chunks,
-        shape, kept count). `progress`: a bar over the masks written (when stderr is a terminal).
+        shape, kept count), or gives (name, that) pairs one at a time, each written before the next
+        is asked for (masks streamed from the ranks). `progress`: a bar over the masks written (when
+        stderr is a terminal), one per row of `layers`.
 
         Replaces an incomplete round of the same index (left by a killed run); a complete one is a bug.
         """
@@ -189,7 +193,8 @@ class Archive:
             group.attrs.update(self._round_attrs(attrs))
             group.attrs["status"] = "writing"
             masks_group = group.create_group("masks", track_order=True)  # keep the plan's tensor order
-            for tensor, (packed, shape, kept) in bar(masks.items(), enabled=progress, total=len(masks),
+            pairs = masks.items() if isinstance(masks, Mapping) else masks
+            for tensor, (packed, shape, kept) in bar(pairs, enabled=progress, total=len(layers),
                                                      description=f"round {index}: write", unit="mask"):
                 _write_mask(masks_group, tensor, packed, tuple(shape), kept)
             group.create_dataset("metrics", data=_table(layers, LAYERS_DTYPE))
@@ -276,7 +281,8 @@ def _check_resumable(path: Path, reader) -> None:
     their checksums."""
     rounds = reader.rounds()
     if rounds:
-        reader.read_packed_masks(rounds[-1]["index"])
+        for _ in reader.iter_packed_masks(rounds[-1]["index"]):  # one mask in memory at a time
+            pass
 
 
 def _write_header(file: h5py.File, config_yaml: str, model_name: str, params, world_size: int, backend: str) -> None:

@@ -2,20 +2,25 @@
 
     python -m pytest tests/test_masks.py
 
-There is no weight_orig/weight_mask reparametrisation: the model's state_dict stays plain and a mask
-is only a `dict[str, bool Tensor]` keyed by parameter name. During fine-tuning `MaskEnforcer`
-zeroes gradients before each optimizer step and, after it, the weights and every per-element
-optimizer state (momentum, Adam moments), so neither momentum nor weight decay nor Adam can bring a
-pruned weight back. In the archive a mask is stored as `np.packbits` bytes (`hpcprune.archive.codec.pack_mask`).
+There is no weight_orig/weight_mask reparametrisation: the model's state_dict stays plain and masks
+are only a mapping from parameter name to a tensor: a bool tensor of the parameter's shape, or the
+mask's packed bits (uint8, `hpcprune.archive.codec.pack_mask`'s bytes, as the archive and the ranks
+keep them). Packed masks stay packed: a bool mask costs a byte per weight, its bits an eighth of
+that, so each one is unpacked on the parameter's device only while it is applied, one at a time.
+During fine-tuning `MaskEnforcer` zeroes gradients before each optimizer step and, after it, the
+weights and every per-element optimizer state (momentum, Adam moments), so neither momentum nor
+weight decay nor Adam can bring a pruned weight back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from hpcprune.archive.codec import unpack_mask
 from hpcprune.errors import UsageError
 
 
@@ -27,8 +32,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Set the pruned (False) positions of each masked parameter to 0.0, in place."""
     with torch.no_grad():
-        for param, pruned in _pruned_positions(model, masks):
-            param.masked_fill_(pruned, 0.0)
+        for target in _targets(model, masks):
+            target.param.masked_fill_(target.pruned(), 0.0)
 
 
 class MaskEnforcer:
@@ -39,24 +44,25 @@ class MaskEnforcer:
     """
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer):
-        # Inverted and moved to each parameter's device once, not at every step.
-        self._targets = _pruned_positions(model, masks)
+        # Checked and moved to each parameter's device once, not at every step.
+        self._targets = _targets(model, masks)
         self._optimizer = optimizer
 
     def retarget(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         """Enforce `masks` from now on (the gradual schedule moves them while training)."""
-        self._targets = _pruned_positions(model, masks)
+        self._targets = _targets(model, masks)
 
     def before_step(self) -> None:
         """Zero the gradients of pruned weights, so the step itself sees nothing there."""
-        for param, pruned in self._targets:
-            if param.grad is not None:
-                param.grad.masked_fill_(pruned, 0.0)
+        for target in self._targets:
+            if target.param.grad is not None:
+                target.param.grad.masked_fill_(target.pruned(), 0.0)
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Re-zero pruned weights and the optimizer's per-element state at their positions."""
-        for param, pruned in self._targets:
+        for target in self._targets:
+            param, pruned = target.param, target.pruned()
             param.masked_fill_(pruned, 0.0)
             for value in self._optimizer.state.get(param, {}).values():
                 if _is_per_element_state(value, param):
@@ -71,20 +77,58 @@ def _is_per_element_state(value: object, param: torch.Tensor) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == param.shape
 
 
-def _pruned_positions(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(parameter, bool tensor True where pruned) on the parameter's device, after checking names and shapes."""
+class _Target:
+    """One masked parameter, and its mask on the parameter's device: inverted bool, or packed keep bits."""
+
+    def __init__(self, param: torch.Tensor, mask: torch.Tensor):
+        self.param = param
+        self._packed = mask.dtype == torch.uint8
+        self._mask = mask.to(param.device) if self._packed else ~mask.to(param.device)
+
+    def pruned(self) -> torch.Tensor:
+        """Bool tensor of the parameter's shape, True where pruned (made now from packed bits, then let go)."""
+        if not self._packed:
+            return self._mask
+        shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=self._mask.device)
+        bits = torch.bitwise_right_shift(self._mask.unsqueeze(1), shifts)  # first weight in the highest bit
+        bits.bitwise_and_(1).bitwise_xor_(1)  # 1 where the keep bit is 0
+        return bits.view(-1)[: self.param.numel()].view(torch.bool).view(self.param.shape)
+
+
+def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[_Target]:
+    """A _Target per mask, after checking names, shapes and dtypes."""
     params = dict(unwrap(model).named_parameters())
     targets = []
     for name, mask in masks.items():
         if name not in params:
             raise UsageError(f"mask for {name!r}: the model has no parameter of that name")
         param = params[name]
-        if tuple(mask.shape) != tuple(param.shape):
+        if mask.dtype == torch.uint8:
+            if tuple(mask.shape) != ((param.numel() + 7) // 8,):
+                raise UsageError(f"packed mask for {name!r} has shape {tuple(mask.shape)}, the parameter "
+                                 f"{tuple(param.shape)} needs ({(param.numel() + 7) // 8},) bytes")
+        elif mask.dtype != torch.bool:
+            raise UsageError(f"mask for {name!r} has dtype {mask.dtype}, expected torch.bool or packed torch.uint8")
+        elif tuple(mask.shape) != tuple(param.shape):
             raise UsageError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}")
-        if mask.dtype != torch.bool:
-            raise UsageError(f"mask for {name!r} has dtype {mask.dtype}, expected torch.bool")
-        targets.append((param, ~mask.to(param.device)))
+        targets.append(_Target(param, mask))
     return targets
+
+
+class UnpackedMasks(Mapping[str, torch.Tensor]):
+    """Packed masks read as bool tensors, each unpacked when it is asked for (one at a time)."""
+
+    def __init__(self, packed: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]]):
+        self._packed, self._shapes = packed, shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return unpack_mask(self._packed[name], self._shapes[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
 
 
 def kept_count(mask: torch.Tensor) -> int:

@@ -85,7 +85,7 @@ def _select_groups(scores: Scores, plan: Plan, world: World,
                    tensor_mask: Callable[[TensorSpec, torch.Tensor], torch.Tensor]) -> Selection:
     """Masks of this rank's tensors, each decided alone by `tensor_mask`, then the kept counts summed."""
     tensors = Tensors.of(scores, plan, world)
-    masks, kept, problem = [], 0, tensors.problem
+    masks, kept, problem = tensors.empty_masks(), 0, tensors.problem
     for position, spec in enumerate(tensors.specs if problem is None else []):
         try:  # whatever fails on a tensor, this rank must still reach the collective in finish_selection
             keep = tensor_mask(spec, tensors.read(position)).numpy()
@@ -95,7 +95,7 @@ def _select_groups(scores: Scores, plan: Plan, world: World,
         except Exception as error:
             problem = shared(world, error)
             break
-        masks.append(np.packbits(keep, bitorder="big"))
+        masks[position][:] = np.packbits(keep, bitorder="big")
         kept += int(keep.sum())
     return finish_selection(tensors, masks, kept, None, plan, world, problem=problem)
 

@@ -38,6 +38,7 @@ import torch
 
 from hpcprune.dist.failures import outcome, shared
 from hpcprune.dist.world import World
+from hpcprune.prune.mask_store import MaskStore
 from hpcprune.prune.streaming import (
     BINS,
     DIGIT_BITS,
@@ -51,7 +52,6 @@ from hpcprune.prune.streaming import (
     Tensors,
     as_failure,
     nan_message,
-    packed_size,
     raise_if_failed,
     write_bits,
 )
@@ -65,7 +65,7 @@ RETAIN_LIMIT = 1 << 20
 
 @dataclass
 class _Chosen:
-    masks: list[np.ndarray]  # packed, per tensor position
+    masks: MaskStore  # packed, per tensor position
     kept: int  # kept elements of this rank
     boundary: float | None  # T, or None when nothing is pruned
 
@@ -78,10 +78,12 @@ def smallest(tensors: Tensors, k: int, world: World, stream: Streamer, *, slots:
     """
     high, neginf = _reduce_high_histogram(tensors, world, stream)
     k = max(k, neginf)
-    if k == 0:
-        return _Chosen([_all_kept(spec.numel) for spec in tensors.specs], sum(s.numel for s in tensors.specs), None)
-    high_digit, below_high = _digit_at_rank(high, k)
     masks = tensors.empty_masks()
+    if k == 0:
+        for position, spec in enumerate(tensors.specs):
+            _keep_all(masks[position], spec.numel)
+        return _Chosen(masks, sum(s.numel for s in tensors.specs), None)
+    high_digit, below_high = _digit_at_rank(high, k)
     counts = _split_high_bin(tensors, high_digit, masks, stream)
     low_digit, below_low = _digit_at_rank(world.allreduce_sum(counts.histogram), k - below_high)
     boundary = _float_of_key(((high_digit - HALF) << DIGIT_BITS) | low_digit)
@@ -110,12 +112,11 @@ def smallest(tensors: Tensors, k: int, world: World, stream: Streamer, *, slots:
     return _Chosen(masks, int(counts.kept.sum()), boundary)
 
 
-def _all_kept(numel: int) -> np.ndarray:
-    """np.packbits of `numel` True values, without making them: 0xFF bytes, zero padding bits."""
-    packed = np.full(packed_size(numel), 0xFF, dtype=np.uint8)
+def _keep_all(mask: np.ndarray, numel: int) -> None:
+    """Write np.packbits of `numel` True values into `mask`, without making them: 0xFF bytes, zero padding bits."""
+    mask.fill(0xFF)
     if numel % 8:
-        packed[-1] = (0xFF << (8 - numel % 8)) & 0xFF
-    return packed
+        mask[-1] = (0xFF << (8 - numel % 8)) & 0xFF
 
 
 def _reduce_high_histogram(tensors: Tensors, world: World, stream: Streamer) -> tuple[np.ndarray, int]:
@@ -217,7 +218,8 @@ def _decide_retained(counts: Counts, low_digit: int, masks) -> tuple[np.ndarray,
     """Set the bits of retained elements above T; per tensor, the number and flat indices of those equal to T."""
     ties = np.zeros(counts.kept.size, dtype=np.int64)
     pieces: dict[int, list[tuple[int, np.ndarray]]] = {}
-    for position, start, offsets, digits in counts.retained:
+    # Tensor by tensor: a mask kept on disk is then read back once, not once per chunk.
+    for position, start, offsets, digits in sorted(counts.retained, key=operator.itemgetter(0, 1)):
         flat = start + offsets.astype(np.int64)
         above = digits > low_digit
         _set_bits(masks[position], flat[above])

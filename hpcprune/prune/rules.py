@@ -10,7 +10,8 @@ Scores may be lazy: `scores[name]` may compute a tensor's scores afresh on every
 pipeline's scoring does, so selection reads each tensor at most once per pass and lets go of it
 (views included) before it reads the next: only one tensor's scores are alive at a time. Each
 mask is built packed, chunk by chunk (`np.packbits`, big bit order: `hpcprune.prune.masks.pack_mask`'s
-bytes), so memory follows the largest tensor plus numel/8 bytes of masks, not the model's scores.
+bytes), so memory follows the largest tensor, not the model's scores; the masks themselves (numel/8 bytes)
+stay in memory only while small (`hpcprune.prune.mask_store`).
 
 The global rule's exact selection lives in `hpcprune.prune.radix`.
 """
@@ -68,7 +69,7 @@ def select_layer(
 ) -> Selection:
     """Prune the same fraction of every tensor: its prune_count(sparsity, numel) smallest scores."""
     tensors = Tensors.of(scores, plan, world)
-    masks, kept, problem = [], 0, tensors.problem
+    masks, kept, problem = tensors.empty_masks(), 0, tensors.problem
     with Streamer() as stream:
         for position, spec in enumerate(tensors.specs if problem is None else []):
             try:  # whatever fails on a tensor, this rank must still reach the collective in finish_selection
@@ -80,7 +81,7 @@ def select_layer(
             except Exception as error:
                 problem = shared(world, error)
                 break
-            masks += chosen.masks
+            masks[position][:] = chosen.masks[0]
             kept += chosen.kept
     return finish_selection(tensors, masks, kept, None, plan, world, problem=problem)
 

@@ -10,6 +10,7 @@ allreduce that sums the kept counts and tells every rank whether any rank failed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,13 +18,14 @@ import numpy as np
 from hpcprune.dist.failures import outcome
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
+from hpcprune.prune.mask_store import MaskStore
 from hpcprune.prune.plan import Plan
 from hpcprune.prune.streaming import Tensors, as_failure, raise_if_failed
 
 
 @dataclass
 class Selection:
-    masks: dict[str, np.ndarray]  # this rank's tensors (plan.local(rank)): packed bits of the flat mask, True = keep
+    masks: Mapping[str, np.ndarray]  # this rank's tensors (plan.local(rank)): packed bits of the flat mask, True = keep
     threshold: float | None  # boundary score T: < T pruned, > T kept, == T by position; None: none pruned / n.a.
     kept: int  # kept elements over all prunable tensors of all ranks
     total: int  # plan.total
@@ -61,11 +63,11 @@ def sparsity_keeps_nothing(rule: str, sparsity: float, total: int) -> UsageError
     return UsageError(f"prune.sparsity {sparsity} keeps none of the {total} prunable weights (rule {rule}); lower it")
 
 
-def finish_selection(tensors: Tensors, masks, kept: int, boundary, plan: Plan, world: World, *, problem) -> Selection:
+def finish_selection(tensors: Tensors, masks: MaskStore, kept: int, boundary, plan: Plan, world: World, *, problem) -> Selection:
     """Sum kept counts over ranks with one allreduce that also tells every rank about any failure."""
     failure = as_failure(problem)
     reduced = world.allreduce_sum(np.concatenate([[kept], outcome(world, failure)]).astype(np.int64))
     raise_if_failed(world, failure, reduced[1:])
     kept_total = reduced[0]
-    return Selection(masks={spec.name: mask for spec, mask in zip(tensors.specs, masks)}, threshold=boundary,
+    return Selection(masks=masks.named(tensors.specs), threshold=boundary,
                      kept=int(kept_total), total=plan.total, shapes={spec.name: spec.shape for spec in tensors.specs})

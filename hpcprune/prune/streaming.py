@@ -22,6 +22,7 @@ import torch
 
 from hpcprune.dist.failures import raise_if_any
 from hpcprune.dist.world import World
+from hpcprune.prune.mask_store import MaskStore, packed_size
 from hpcprune.prune.plan import Plan, TensorSpec
 
 CHUNK = 1 << 18
@@ -76,13 +77,9 @@ class Tensors:
             )
         return score.detach().reshape(-1)
 
-    def empty_masks(self) -> list[np.ndarray]:
-        # np.empty touches no page: each chunk's bytes are written (and become resident) as it is masked.
-        return [np.empty(packed_size(spec.numel), dtype=np.uint8) for spec in self.specs]
-
-
-def packed_size(numel: int) -> int:
-    return (numel + 7) // 8
+    def empty_masks(self) -> MaskStore:
+        """Room for these tensors' packed masks, in memory or on disk (`hpcprune.prune.mask_store`)."""
+        return MaskStore.for_specs(self.specs)
 
 
 def nan_message(spec: TensorSpec) -> str:

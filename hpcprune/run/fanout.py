@@ -32,11 +32,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import importlib
+import json
 import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -45,13 +46,12 @@ import numpy as np
 
 from hpcprune import registry
 from hpcprune.archive.atomic import write_atomically
-from hpcprune.archive.wire import MaskMessage
 from hpcprune.config import FanoutConfig, RunConfig, load_config_text
 from hpcprune.dist.failures import AgreedFailure
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
-from hpcprune.models.builders import save_checkpoint
-from hpcprune.models.weights import CheckpointWeights
+from hpcprune.models.weights import CheckpointWeights, write_tensors
+from hpcprune.prune.mask_store import store_masks
 from hpcprune.prune.plan import Plan, TensorSpec
 from hpcprune.prune.selection import Selection
 from hpcprune.prune.step import select_weights
@@ -60,9 +60,10 @@ from hpcprune.run.fanout_files import (
     REFUSALS,
     RoundDescription,
     RoundFiles,
-    selection_message,
-    selection_of,
+    read_masks,
+    write_masks,
 )
+from hpcprune.run.mask_traffic import share_masks
 
 log = logging.getLogger("hpcprune")
 
@@ -127,7 +128,7 @@ class ShardJob:
     world: World
     plan: Plan
     weights: CheckpointWeights
-    masks: dict[str, np.ndarray]  # earlier masks of this shard's tensors
+    masks: Mapping[str, np.ndarray]  # earlier masks of this shard's tensors
     model: None = None
     splits: None = None
 
@@ -165,10 +166,14 @@ def _refusal_elsewhere(failure: AgreedFailure) -> Exception:
     return kind(f"stopped: shard {failure.failed_rank} refused the selection")
 
 
-def _previous_masks(path: str | None, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+def _previous_masks(path: str | None, specs: list[TensorSpec]) -> Mapping[str, np.ndarray]:
+    """The earlier masks of this shard's tensors, read one at a time from the round's file."""
     if path is None:
         return {}
-    return MaskMessage.from_bytes(Path(path).read_bytes()).packed(spec.name for spec in specs)
+    wanted = {spec.name for spec in specs}
+    with open(path, "rb") as file:
+        _, masks = read_masks(file)
+        return store_masks(specs, ((name, bits) for name, bits in masks if name in wanted))
 
 
 # --- the coordinator: run every stage until each task wrote its masks ---------------------------------
@@ -235,16 +240,20 @@ def reduce_stage(files: RoundFiles, stage: int, shards: int) -> np.ndarray:
 
 
 def collect(files: RoundFiles) -> Selection:
-    """Every task's masks as one Selection over all tensors, as a world of one would have selected."""
+    """Every task's masks as one Selection over all tensors, as a world of one would have selected;
+    read from the tasks' files in plan order, one mask at a time, and kept as a selection keeps them."""
     description = files.description()
     plan = description.plan()
-    shards = [files.result(rank, plan.local(rank), plan.total) for rank in range(description.shards)]
-    agreed = {(shard.kept, repr(shard.threshold)) for shard in shards}
-    if len(agreed) != 1:
-        raise RuntimeError(f"{files.folder}: the shards disagree on the kept count and threshold: {agreed}")
-    masks = {name: mask for shard in shards for name, mask in shard.masks.items()}
-    return Selection(masks={spec.name: masks[spec.name] for spec in plan.tensors}, threshold=shards[0].threshold,
-                     kept=shards[0].kept, total=plan.total, shapes={spec.name: spec.shape for spec in plan.tensors})
+    with contextlib.ExitStack() as stack:
+        results = [stack.enter_context(files.result(rank)) for rank in range(description.shards)]
+        agreed = {(facts["kept"], repr(facts["threshold"])) for facts, _ in results}
+        if len(agreed) != 1:
+            raise RuntimeError(f"{files.folder}: the shards disagree on the kept count and threshold: {agreed}")
+        in_plan_order = (next(results[owner][1]) for owner in plan.owners)
+        masks = store_masks(plan.tensors, in_plan_order)
+    facts = results[0][0]
+    return Selection(masks=masks, threshold=facts["threshold"], kept=int(facts["kept"]), total=plan.total,
+                     shapes={spec.name: spec.shape for spec in plan.tensors})
 
 
 # --- backends: where the tasks run --------------------------------------------------------------------
@@ -338,8 +347,8 @@ def fanout_folder(archive: Path) -> Path:
 
 def select_fanned_out(job, round_index: int, target: float) -> Selection:
     """This round's selection, fanned out by rank 0 to `fanout.shards` tasks on `fanout.backend` (see
-    the top). Every rank gets the masks of its own tensors, as from a selection in its world, so the
-    ranks of a run that fine-tunes (`hpcprune submit --tasks-per-node N`) go on to train together."""
+    the top). Every rank gets every tensor's mask, each broadcast once from rank 0, so the ranks of a
+    run that fine-tunes (`hpcprune submit --tasks-per-node N`) go on to train together."""
     world = job.world
     if world.size > 1 and job.model is None:
         raise UsageError(f"fanout.backend={job.config.fanout.backend} under {world.size} ranks: a masks-only run "
@@ -347,8 +356,11 @@ def select_fanned_out(job, round_index: int, target: float) -> Selection:
     selection = _fan_out(job, round_index, target) if world.is_root else None
     if world.size == 1:
         return selection
-    sent = selection_message(selection, list(job.plan.tensors)).to_bytes() if world.is_root else None
-    return selection_of(MaskMessage.from_bytes(world.broadcast_bytes(sent)), job.plan.local(world.rank), job.plan.total)
+    facts = json.dumps([selection.kept, selection.threshold]).encode() if world.is_root else None
+    kept, threshold = json.loads(world.broadcast_bytes(facts))
+    masks = share_masks(selection.masks if world.is_root else {}, job.plan, world, holder=lambda spec, owner: 0)
+    return Selection(masks=masks, threshold=threshold, kept=kept, total=job.plan.total,
+                     shapes={spec.name: spec.shape for spec in job.plan.tensors})
 
 
 def _fan_out(job, round_index: int, target: float) -> Selection:
@@ -367,18 +379,20 @@ def _fan_out(job, round_index: int, target: float) -> Selection:
 
 
 def _describe_round(job, folder: Path, target: float, linger_s: float) -> RoundDescription:
-    """The round for the tasks; a model in memory first leaves its prunable tensors (and masks) on disk."""
+    """The round for the tasks; a model in memory first leaves its prunable tensors (and masks) on
+    disk, one tensor at a time."""
     config = job.config
+    names = [spec.name for spec in job.plan.tensors]
     if job.model is None:
         weights = str(Path(config.model.checkpoint).resolve())
     else:
         weights = str(folder / "weights.safetensors")
-        save_checkpoint({spec.name: job.weights.get(spec.name) for spec in job.plan.tensors}, weights)
+        write_tensors(weights, names, job.weights.get)
     previous = None
     if job.masks:
         previous = str(folder / "previous.masks")
-        message = MaskMessage.of_packed({spec.name: job.masks[spec.name] for spec in job.plan.tensors if spec.name in job.masks})
-        write_atomically(Path(previous), lambda file: file.write(message.to_bytes()))
+        specs = [spec for spec in job.plan.tensors if spec.name in job.masks]
+        write_atomically(Path(previous), lambda file: write_masks(file, job.masks, specs))
     return RoundDescription(config=config.to_yaml(), target=target, shards=config.fanout.shards,
                             tensors=[(spec.name, spec.shape) for spec in job.plan.tensors], weights=weights,
                             previous=previous, linger_s=linger_s)

@@ -4,21 +4,25 @@
 
 `<archive stem>.fanout/` holds round.json (the `RoundDescription`), stage-<s>/part-<rank>.npy (each
 task's contribution to the stage's allreduce) and reduced.npy (their sum), result-<rank>.masks (a
-task's masks, a `hpcprune.archive.wire` message) and error-<rank>.txt (what a task refused). Every file is written aside and renamed,
-so which files exist says which tasks answered which stage (see `hpcprune.run.fanout`).
+task's masks: a file of `hpcprune.archive.wire` messages, one per mask, written and read one at a
+time) and error-<rank>.txt (what a task refused). Every file is written aside and renamed, so which
+files exist says which tasks answered which stage (see `hpcprune.run.fanout`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from hpcprune.archive.atomic import write_atomically
-from hpcprune.archive.wire import MaskMessage
+from hpcprune.archive.wire import MaskMessage, read_messages
 from hpcprune.errors import UsageError
 from hpcprune.prune.plan import Plan, TensorSpec, assign_owners
 from hpcprune.prune.selection import Selection
@@ -90,11 +94,16 @@ class RoundFiles:
         return np.load(path)
 
     def write_result(self, rank: int, selection: Selection, specs: list[TensorSpec]) -> None:
-        message = selection_message(selection, specs)
-        write_atomically(self.result_path(rank), lambda file: file.write(message.to_bytes()))
+        """The task's kept total and threshold, then its masks one message each (written one at a time)."""
+        write_atomically(self.result_path(rank), lambda file: write_masks(file, selection.masks, specs,
+                                                                           kept=selection.kept, threshold=selection.threshold))
 
-    def result(self, rank: int, specs: list[TensorSpec], total: int) -> Selection:
-        return selection_of(MaskMessage.from_bytes(self.result_path(rank).read_bytes()), specs, total)
+    @contextlib.contextmanager
+    def result(self, rank: int) -> Iterator[tuple[dict, Iterator[tuple[str, np.ndarray]]]]:
+        """A task's facts (kept, threshold), and its masks as they are read, one at a time."""
+        with open(self.result_path(rank), "rb") as file:
+            facts, masks = read_masks(file)
+            yield facts, masks
 
     def write_error(self, rank: int, error: Exception) -> None:
         line = json.dumps([type(error).__name__, f"shard {rank}: {error}"])
@@ -113,13 +122,17 @@ class RoundFiles:
         return any(path.exists() for path in (self.part_path(stage, rank), self.result_path(rank), self.error_path(rank)))
 
 
-def selection_message(selection: Selection, specs: list[TensorSpec]) -> MaskMessage:
-    """The masks of `specs` with the kept count and threshold every shard agrees on."""
-    return MaskMessage.of_packed({spec.name: selection.masks[spec.name] for spec in specs},
-                                 kept=selection.kept, threshold=selection.threshold)
+def write_masks(file: BinaryIO, masks: Mapping[str, np.ndarray], specs: Iterable[TensorSpec], **facts) -> None:
+    """A file of wire messages: one of `facts` alone, then one per mask of `specs` (compressed in turn)."""
+    MaskMessage({}, facts).write_to(file)
+    for spec in specs:
+        MaskMessage.of_packed({spec.name: masks[spec.name]}).write_to(file)
 
 
-def selection_of(message: MaskMessage, specs: list[TensorSpec], total: int) -> Selection:
-    """What selection_message carried, for `specs` (a subset of the tensors it holds)."""
-    return Selection(masks=message.packed(spec.name for spec in specs), threshold=message.facts["threshold"],
-                     kept=int(message.facts["kept"]), total=total, shapes={spec.name: spec.shape for spec in specs})
+def read_masks(file: BinaryIO) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
+    """What write_masks wrote: its facts, and its masks as (name, packed bits), read as they are asked for."""
+    messages = read_messages(file)
+    first = next(messages, None)
+    if first is None:
+        raise ValueError(f"{getattr(file, 'name', 'masks file')} is empty")
+    return first.facts, (item for message in messages for item in message.packed().items())

@@ -9,6 +9,7 @@ by the stages in `hpcprune.run.rounds` and `hpcprune.run.resume`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from hpcprune.prune.channels import ChannelPruning
 from hpcprune.prune.plan import Plan
 from hpcprune.train.checkpoint import SavedTraining
 
-PackedMasks = dict[str, np.ndarray]  # tensor name -> np.packbits of the flat bool mask (True = keep)
+# tensor name -> np.packbits of the flat bool mask (True = keep); a rank's own masks may be kept on
+# disk and read one at a time (hpcprune.prune.mask_store), so read them by name, never copy them all
+PackedMasks = Mapping[str, np.ndarray]
 
 
 @dataclass

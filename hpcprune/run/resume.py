@@ -4,7 +4,7 @@
 
 Rank 0 creates the archive (or checks that the recorded run may continue: same config, states on
 disk, readable masks), reads the `ResumePoint` and broadcasts it, so every rank continues from the
-same place. `resume_masks` brings back the last complete round's masks and weights.
+same place. `resume_masks` brings back the last complete round's masks and weights, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from pathlib import Path
 
 from hpcprune.archive.atomic import check_output_path
 from hpcprune.archive.reader import open_archive
-from hpcprune.archive.wire import MaskMessage
 from hpcprune.archive.writer import Archive, state_path
 from hpcprune.dist.failures import agreed
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
 from hpcprune.models.builders import load_checkpoint
 from hpcprune.run.job import Job, PackedMasks
-from hpcprune.run.mask_traffic import broadcast_message
+from hpcprune.run.mask_traffic import scatter_from_root
 from hpcprune.train.checkpoint import SavedTraining
 
 log = logging.getLogger("hpcprune")
@@ -107,13 +106,15 @@ def _saved_training(checkpoint: dict | None, *, dense_done: bool, last_round: in
 
 
 def resume_masks(job: Job, point: ResumePoint) -> PackedMasks:
-    """Nothing pruned for a fresh run; the last complete round's masks (and weights) on resume."""
+    """Nothing pruned for a fresh run; the last complete round's masks (and weights) on resume.
+
+    Rank 0 reads the masks one at a time and hands each out as it goes: a module trains with every
+    mask, a masks-only rank keeps those of its own tensors."""
     if not point.last_round:
         return {}
     if job.model is not None:
         load_checkpoint(job.model, point.round_state)
-    stored = MaskMessage.of_packed(open_archive(job.path).read_packed_masks(point.last_round)) if job.world.is_root else None
-    message = broadcast_message(stored, job.world)
-    # A module trains with every mask; a masks-only rank keeps those of its own tensors.
-    names = None if job.model is not None else [spec.name for spec in job.plan.local(job.world.rank)]
-    return message.packed(names)
+    stored = None
+    if job.world.is_root:
+        stored = ((name, packed) for name, packed, _ in open_archive(job.path).iter_packed_masks(point.last_round))
+    return scatter_from_root(stored, job.plan, job.world, everywhere=job.model is not None)

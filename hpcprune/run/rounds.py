@@ -5,7 +5,8 @@ score -> select -> mask -> fine-tune -> record.
 
 Every rank runs these functions (SPMD). A round's masks are selected on the rank that owns each
 tensor; a module needs every mask on every rank to train (`share_masks`), and rank 0 records the
-round from the chunks each owner compressed (`gather_message`).
+round from the chunks each owner compressed, received one tensor at a time as the archive writes
+them (`masks_for_root`).
 """
 
 from __future__ import annotations
@@ -13,24 +14,30 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from hpcprune import registry
-from hpcprune.archive.codec import packed_kept, unpack_mask
-from hpcprune.archive.wire import MaskMessage
+from hpcprune.archive.codec import packed_kept
 from hpcprune.archive.writer import Archive, state_path
 from hpcprune.dist.ddp import wrap_for_training
 from hpcprune.dist.failures import raise_on_every_rank
 from hpcprune.models.builders import load_checkpoint, save_checkpoint
 from hpcprune.prune.gradual import GradualPruner, first_target
-from hpcprune.prune.masks import apply_masks
+from hpcprune.prune.masks import UnpackedMasks, apply_masks
 from hpcprune.prune.selection import Selection, nothing_kept
 from hpcprune.prune.step import select_weights
 from hpcprune.run.fanout import select_fanned_out
 from hpcprune.run.job import Job
-from hpcprune.run.mask_traffic import gather_message, share_masks
+from hpcprune.run.mask_traffic import (
+    RecordedMask,
+    kept_per_tensor,
+    masks_for_root,
+    share_masks,
+)
 from hpcprune.run.resume import ResumePoint
 from hpcprune.train.checkpoint import EpochCheckpoint
 from hpcprune.train.distill import distillation_loss
@@ -71,20 +78,21 @@ def prune_round(job: Job, round_index: int, rounds: int, target: float) -> float
     started = time.perf_counter()
     # Scores are computed lazily inside selection, one tensor at a time, so score and select
     # share one timer; selection reports how long its own passes took.
+    everywhere = False  # whether every rank already has every tensor's mask
     if job.channels is not None:  # whole channels: one small allreduce of channel norms, never fanned out
         selection = job.channels.select(world, target, previous=job.masks)
     elif config.fanout.backend != registry.IN_WORLD:  # shard groups selected as tasks elsewhere, stage by stage
-        selection = select_fanned_out(job, round_index, first_target(config, target))
+        selection, everywhere = select_fanned_out(job, round_index, first_target(config, target)), True
     else:
         selection = select_weights(job, first_target(config, target))  # calibrate -> score -> select
     _refuse_keeping_nothing(job, selection, first_target(config, target))
     seconds = {"select": time.perf_counter() - started}
 
     started = time.perf_counter()
-    job.masks = share_masks(selection.masks, world) if job.model is not None else dict(selection.masks)
+    job.masks = selection.masks if job.model is None or everywhere else share_masks(selection.masks, job.plan, world)
     accuracy, loss, history = math.nan, math.nan, []
     if job.model is not None:
-        masks = _bool_masks(job)
+        masks = _training_masks(job)
         apply_masks(job.model, masks)
         if config.schedule.rewind_epoch is not None:  # lottery ticket: survivors restart from early weights
             rewind(job.model, job.path, masks)
@@ -101,25 +109,23 @@ def prune_round(job: Job, round_index: int, rounds: int, target: float) -> float
     log.info("round %d/%d: sparsity %.4f %% (%d of %d kept), test accuracy %.2f %%", round_index, rounds,
              100 * achieved, selection.kept, selection.total, 100 * accuracy)
     started = time.perf_counter()
-    local = {spec.name: job.masks[spec.name] for spec in job.plan.local(world.rank)}
-    gathered = gather_message(MaskMessage.of_packed(local), world)  # compressed by the rank that owns each tensor
+    kept = kept_per_tensor(job.masks, job.plan, world)
+    masks = masks_for_root(job.masks, job.plan, world)  # compressed by the rank that owns each tensor
     if world.is_root:
-        _record_round(job, gathered, round_index, target, selection, accuracy, loss, seconds, history, started)
+        _record_round(job, masks, kept, round_index, target, selection, accuracy, loss, seconds, history, started)
     world.barrier()
     return accuracy
 
 
-def _record_round(job, gathered: MaskMessage, round_index, target, selection: Selection, accuracy, loss, seconds, history, started):
+def _record_round(job, masks: Iterator[RecordedMask], kept: np.ndarray, round_index, target, selection: Selection,
+                  accuracy, loss, seconds, history, started):
     relative_state = ""
     if job.model is not None:
         state_file = state_path(job.path, f"round-{round_index:04d}")
         save_checkpoint(job.model, str(state_file))
         relative_state = str(state_file.relative_to(job.path.parent))
-    layers, packed = [], {}
-    for spec in job.plan.tensors:  # global order, whichever rank scored the tensor
-        encoded, kept = gathered.masks[spec.name]
-        packed[spec.name] = (encoded, spec.shape, kept)
-        layers.append(dict(name=spec.name, numel=spec.numel, kept=kept, sparsity=1.0 - kept / spec.numel))
+    layers = [dict(name=spec.name, numel=spec.numel, kept=int(kept[spec.index]),
+                   sparsity=1.0 - int(kept[spec.index]) / spec.numel) for spec in job.plan.tensors]
     attrs = dict(
         criterion=job.config.prune.criterion, rule=job.config.prune.rule, target_sparsity=target,
         achieved_sparsity=1.0 - selection.kept / selection.total,
@@ -129,8 +135,9 @@ def _record_round(job, gathered: MaskMessage, round_index, target, selection: Se
         seconds_record=time.perf_counter() - started, state_file=relative_state, **selection.attrs,
     )
     archive = Archive.at(job.path)
+    # The masks arrive while the archive writes them, one tensor at a time, in the plan's order.
     archive.write_round(round_index, attrs=attrs,
-                        masks=packed, layers=layers, history=[asdict(record) for record in history],
+                        masks=masks, layers=layers, history=[asdict(record) for record in history],
                         progress=job.config.progress)
     archive.mark_checkpoint(round_index, relative_state)
 
@@ -139,11 +146,11 @@ def _record_round(job, gathered: MaskMessage, round_index, target, selection: Se
 
 
 def _reselect(job: Job, sparsity: float) -> tuple[Selection, dict[str, torch.Tensor]]:
-    """One mask update of the gradual schedule: select at `sparsity`, share, unpack."""
+    """One mask update of the gradual schedule: select at `sparsity`, share, and the masks to train with."""
     selection = select_weights(job, sparsity)
     _refuse_keeping_nothing(job, selection, sparsity)
-    job.masks = share_masks(selection.masks, job.world)
-    return selection, _bool_masks(job)
+    job.masks = share_masks(selection.masks, job.plan, job.world)
+    return selection, _training_masks(job)
 
 
 def _refuse_keeping_nothing(job: Job, selection: Selection, sparsity: float) -> None:
@@ -153,10 +160,14 @@ def _refuse_keeping_nothing(job: Job, selection: Selection, sparsity: float) -> 
         raise_on_every_rank(job.world, refusal)
 
 
-def _bool_masks(job: Job) -> dict[str, torch.Tensor]:
-    masks = {spec.name: unpack_mask(job.masks[spec.name], spec.shape) for spec in job.plan.tensors}
-    # Pruned channels also hold their biases and BatchNorm affines at 0.
-    return masks if job.channels is None else {**masks, **job.channels.companion_masks(masks)}
+def _training_masks(job: Job) -> dict[str, torch.Tensor]:
+    """Every tensor's mask as its packed bits (sharing job.masks' memory: unpacked only while applied)."""
+    masks = {spec.name: torch.from_numpy(job.masks[spec.name]) for spec in job.plan.tensors}
+    if job.channels is None:
+        return masks
+    # Pruned channels also hold their biases and BatchNorm affines at 0 (small masks, one per channel).
+    shapes = {spec.name: spec.shape for spec in job.plan.tensors}
+    return {**masks, **job.channels.companion_masks(UnpackedMasks(job.masks, shapes))}
 
 
 def kept_on_rank(job: Job) -> int:
