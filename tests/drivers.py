@@ -7,6 +7,7 @@
     mpirun -n 2 python -m tests.drivers rng OUT_DIR     (each rank's generators saved on rank 0, restored)
     HPCPRUNE_MAX_MESSAGE_BYTES=7 mpirun -n 3 python -m tests.drivers messages OUT.json
     mpirun -n 2 python -m tests.drivers gather_growth OUT_DIR BYTES
+    mpirun -n 2 python -m tests.drivers traced OUT_DIR [hpcprune prune args]   (peak of traced allocations)
 """
 
 from __future__ import annotations
@@ -166,6 +167,27 @@ def gather_growth(out_dir: str, nbytes: str) -> None:
     world.close()
 
 
+def traced(out_dir: str, *args: str) -> None:
+    """The real CLI under tracemalloc (started after the imports): each rank records the peak bytes
+    that Python and numpy allocated while the run ran."""
+    import tracemalloc
+
+    from hpcprune.cli import main
+    from hpcprune.dist.detect import launcher_rank
+
+    sys.argv = ["hpcprune", *args]
+    tracemalloc.start()
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code:
+            raise
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    Path(out_dir, f"traced{launcher_rank()}.json").write_text(json.dumps({"peak_bytes": peak}))
+
+
 if __name__ == "__main__":
     {"masks": masks, "train": train, "cli": cli, "gradual": gradual, "rng": rng, "messages": messages,
-     "gather_growth": gather_growth}[sys.argv[1]](*sys.argv[2:])
+     "gather_growth": gather_growth, "traced": traced}[sys.argv[1]](*sys.argv[2:])

@@ -90,3 +90,24 @@ def test_a_damaged_message_is_refused():
     data[-3] ^= 0xFF  # a flipped bit in the chunk's checksum or stream
     with pytest.raises(ValueError, match="checksum"):
         MaskMessage.from_bytes(bytes(data)).packed()
+
+
+def test_a_file_of_messages_reads_back_one_message_at_a_time(tmp_path):
+    from hpcprune.archive.wire import read_messages
+
+    messages = [MaskMessage({}, {"kept": 3}), MaskMessage.of_packed({"a": random_packed(3000, 5)}),
+                MaskMessage.of_packed({"b": random_packed(70, 6), "c": random_packed(0, 7)})]
+    path = tmp_path / "masks"
+    with open(path, "wb") as file:
+        for message in messages:
+            message.write_to(file)
+    assert path.read_bytes() == b"".join(message.to_bytes() for message in messages)
+    with open(path, "rb") as file:
+        read = list(read_messages(file))
+    assert [message.facts for message in read] == [{"kept": 3}, {}, {}]
+    for ours, theirs in zip(read, messages):
+        assert ours.packed().keys() == theirs.packed().keys()
+        assert all(np.array_equal(ours.packed()[name], theirs.packed()[name]) for name in theirs.packed())
+    path.write_bytes(path.read_bytes()[:-10])
+    with open(path, "rb") as file, pytest.raises(ValueError, match="10 bytes missing"):
+        list(read_messages(file))

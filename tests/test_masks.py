@@ -244,3 +244,25 @@ def test_counts():
     assert kept_count(masks["a"]) == 2
     assert sparsity_of(masks) == (2, 7)
     assert sparsity_of({}) == (0, 0)
+
+
+@pytest.mark.parametrize("make_optimizer", [OPTIMIZERS["sgd-momentum-decay"], OPTIMIZERS["adam"]], ids=["sgd", "adam"])
+def test_packed_masks_train_exactly_as_bool_masks(make_optimizer):
+    """Masks kept as their packed bits (an eighth of a byte per weight) give the same weights, bit for bit."""
+    results = []
+    for packed in (False, True):
+        model = small_mlp()
+        masks = random_masks(model, keep=0.4)
+        given = {name: torch.from_numpy(pack_mask(mask)) for name, mask in masks.items()} if packed else masks
+        optimizer = make_optimizer(model.parameters())
+        apply_masks(model, given)
+        train_steps(model, optimizer, MaskEnforcer(model, given, optimizer))
+        assert_pruned_exactly_zero(model, masks)
+        results.append({name: param.detach().clone() for name, param in model.named_parameters()})
+    assert all(torch.equal(results[0][name], results[1][name]) for name in results[0])
+
+
+def test_packed_mask_of_wrong_length_names_tensor_and_bytes():
+    model = small_mlp()
+    with pytest.raises(UsageError, match=r"0\.weight.*\(8,\).*\(9,\)"):
+        apply_masks(model, {"0.weight": torch.zeros(8, dtype=torch.uint8)})
