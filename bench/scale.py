@@ -1,14 +1,27 @@
-"""Scale benchmark: score + exact global select + mask archive of a ~1e9-parameter safetensors
-checkpoint under `mpirun -n 1` and `mpirun -n 2`, with each rank's peak RSS.
+"""Scale benchmark: score + exact global select + mask archive of a large safetensors checkpoint
+under mpirun, with each rank's peak RSS, and the parallel efficiency per core.
 
-    python bench/scale.py                      # ~4 GB checkpoint under /var/tmp, writes bench/results/scale.*
+    python bench/scale.py                      # 1e9 weights (3.75 GiB): fits in memory, page cache warm
+    python bench/scale.py --params 9e9         # 9e9 weights (33.5 GiB): larger than this 23 GiB machine's
+                                               # memory, read cold from disk (out of core)
     python bench/scale.py --params 5e7 --out - # quick smoke run, prints only
 
-The checkpoint is written tensor by tensor (never whole in memory). Each rank runs the real CLI
-(`hpcprune prune`, model.name: checkpoint), wrapped only to report its own peak RSS. For comparison,
-torch.nn.utils.prune.global_unstructured is tried on the same tensors in a child process limited to
---torch-limit-gib of address space, so that a model it cannot hold fails there instead of taking the
-machine down.
+Runs, each the real CLI (`hpcprune prune`, model.name: checkpoint) under `mpirun`, wrapped only to
+report each rank's own peak RSS:
+
+- 1 rank and 2 ranks with torch's default threads (the figures of earlier versions: on 2 cores the
+  1-rank run already spreads its kernels over both cores, so this ratio says little about ranks);
+- 1 rank x 1 thread and 2 ranks x 1 thread (`--threads 1`: torch's threads and the OpenMP/BLAS
+  pools through OMP_NUM_THREADS and friends): the parallel efficiency of ranks, per core;
+- with `--params` above `--anchor-params` (1e9), 2 ranks once more on a checkpoint of that size: rank
+  0's peak RSS must not grow with the model.
+
+The page cache is stated as it is: when the checkpoint fits in available memory it is read once
+before each run (warm); otherwise it is dropped from the cache before each run (posix_fadvise), so
+every run reads it from disk alike, and the disk's cold sequential read throughput is measured.
+The masks of every run are compared with the first run's. Everything written under --dir is
+removed at the end (--keep to keep it). torch.nn.utils.prune.global_unstructured is tried on the
+same tensors in a child process limited to --torch-limit-gib of address space.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -28,15 +42,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(ROOT)}
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 SIDE = 4096  # every tensor is SIDE x SIDE float32 (64 MiB)
+GIB = 2**30
+TENSOR_BYTES = SIDE * SIDE * 4
+RSS_BOUND = 2 * TENSOR_BYTES + GIB // 2  # what a rank may hold: two of the largest tensor, and 0.5 GiB
 
 
 def write_checkpoint(path: Path, params: int, seed: int = 0) -> int:
     """A safetensors file of `params` float32 weights in SIDE x SIDE tensors, streamed to disk."""
     count = max(1, round(params / (SIDE * SIDE)))
-    size = SIDE * SIDE * 4
-    header = {f"layers.{i}.weight": {"dtype": "F32", "shape": [SIDE, SIDE], "data_offsets": [i * size, (i + 1) * size]}
-              for i in range(count)}
+    header = {f"layers.{i}.weight": {"dtype": "F32", "shape": [SIDE, SIDE],
+                                     "data_offsets": [i * TENSOR_BYTES, (i + 1) * TENSOR_BYTES]} for i in range(count)}
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format asks for an 8-byte aligned data start
     rng = np.random.default_rng(seed)
@@ -44,6 +61,8 @@ def write_checkpoint(path: Path, params: int, seed: int = 0) -> int:
         out.write(struct.pack("<Q", len(encoded)) + encoded)
         for _ in range(count):
             out.write((rng.standard_normal((SIDE, SIDE), dtype=np.float32) * 0.02).tobytes())
+        out.flush()
+        os.fsync(out.fileno())
     return count * SIDE * SIDE
 
 
@@ -55,24 +74,82 @@ def write_config(path: Path, checkpoint: Path, archive: Path, sparsity: float) -
     )
 
 
-def run_ranks(ranks: int, config: Path) -> dict:
+# --- the page cache ---------------------------------------------------------------------------------
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def drop_from_cache(path: Path) -> None:
+    """Let the kernel forget the file's pages (written and synced, so clean): the next read is from disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
+def read_through(path: Path) -> float:
+    """Read the whole file once, sequentially; seconds taken."""
+    started = time.perf_counter()
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - started
+
+
+class PageCache:
+    """Warm when the checkpoint fits in the memory available beside the ranks, else cold for every run."""
+
+    def __init__(self, checkpoint: Path, ranks_bytes: int):
+        self.checkpoint, self.size = checkpoint, checkpoint.stat().st_size
+        self.available = available_memory()
+        self.warm = self.size + ranks_bytes < self.available
+        drop_from_cache(checkpoint)
+        self.cold_read_seconds = read_through(checkpoint)  # from disk: measured once, either way
+
+    def prepare(self) -> None:
+        """Before each run: the same state of the cache for all of them."""
+        if self.warm:
+            read_through(self.checkpoint)
+        else:
+            drop_from_cache(self.checkpoint)
+
+    def describe(self) -> dict:
+        return {"warm": self.warm, "available_bytes": self.available,
+                "cold_read_bytes_per_second": self.size / self.cold_read_seconds}
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+
+
+def run_ranks(ranks: int, config: Path, threads: int | None) -> dict:
     """One `mpirun -n RANKS` of the CLI; wall time and each rank's peak RSS."""
     command = ["mpirun", "-n", str(ranks), sys.executable, __file__, "--as-rank", "prune", "--config", str(config), "--force", "-q"]
+    env = {name: value for name, value in os.environ.items() if name not in THREAD_VARIABLES}  # default: torch's own
+    env.update(MPI_ENV)
+    if threads is not None:
+        env.update({variable: str(threads) for variable in THREAD_VARIABLES}, HPCPRUNE_BENCH_THREADS=str(threads))
     started = time.perf_counter()
-    finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MPI_ENV})
+    finished = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if finished.returncode:
         raise SystemExit(f"mpirun -n {ranks} failed:\n{finished.stderr}")
     peaks = sorted((int(rank), int(kib)) for rank, kib in
                    (line.split()[1:3] for line in finished.stderr.splitlines() if line.startswith("PEAK_RSS")))
-    return {"ranks": ranks, "wall_seconds": wall, "peak_rss_bytes": [kib * 1024 for _, kib in peaks]}
+    return {"ranks": ranks, "threads": threads, "wall_seconds": wall, "peak_rss_bytes": [kib * 1024 for _, kib in peaks]}
 
 
 def as_rank(argv: list[str]) -> None:
     """Run the CLI in this rank, then report its peak RSS (ru_maxrss is in KiB on Linux)."""
+    import torch
+
     from hpcprune.cli import main
     from hpcprune.dist.detect import launcher_rank
 
+    if os.environ.get("HPCPRUNE_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["HPCPRUNE_BENCH_THREADS"]))
     sys.argv = ["hpcprune", *argv]
     try:
         main()
@@ -87,6 +164,35 @@ def archive_figures(path: Path) -> dict:
         attrs = archive["rounds/0001"].attrs
         return {key: float(attrs[key]) for key in ("kept", "total", "achieved_sparsity", "threshold",
                                                    "seconds_select", "seconds_record", "seconds_write")}
+
+
+def masks_equal(first: Path, second: Path) -> bool:
+    import h5py
+
+    with h5py.File(first, "r") as a, h5py.File(second, "r") as b:
+        one, two = a["rounds/0001/masks"], b["rounds/0001/masks"]
+        return list(one) == list(two) and all(np.array_equal(one[name][()], two[name][()]) for name in one)
+
+
+def remove_run(folder: Path, name: str) -> None:
+    for path in (folder / f"{name}.h5", folder / f"{name}.yaml"):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(folder / f"{name}.states", ignore_errors=True)
+
+
+def measured(folder: Path, checkpoint: Path, cache: PageCache, sparsity: float, ranks: int, threads: int | None,
+             reference: Path | None) -> dict:
+    """One run, its figures, and whether its masks equal `reference`'s (whose archive is kept)."""
+    name = f"n{ranks}-t{threads or 'default'}"
+    config, archive = folder / f"{name}.yaml", folder / f"{name}.h5"
+    write_config(config, checkpoint, archive, sparsity)
+    cache.prepare()
+    run = {**run_ranks(ranks, config, threads), **archive_figures(archive)}
+    run["rest_seconds"] = run["wall_seconds"] - run["seconds_select"] - run["seconds_record"] - run["seconds_write"]
+    run["masks_identical"] = True if reference is None else masks_equal(reference, archive)
+    if reference is not None:
+        remove_run(folder, name)
+    return run
 
 
 def try_global_unstructured(checkpoint: Path, sparsity: float, limit_gib: float) -> dict:
@@ -121,34 +227,40 @@ except (RuntimeError, MemoryError) as error:
             "limit_gib": limit_gib}
 
 
+def anchor_run(folder: Path, params: int, sparsity: float) -> dict:
+    """2 ranks, default threads, on a checkpoint of `params` weights: rank 0's peak at a smaller model."""
+    checkpoint = folder / "anchor.safetensors"
+    write_checkpoint(checkpoint, params, seed=1)
+    try:
+        cache = PageCache(checkpoint, ranks_bytes=2 * RSS_BOUND)
+        run = measured(folder, checkpoint, cache, sparsity, 2, None, reference=None)
+        remove_run(folder, "n2-tdefault")
+        return {"params": params, **run}
+    finally:
+        checkpoint.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=float, default=1e9)
+    parser.add_argument("--params", type=float, default=1e9, help="weights in the checkpoint (9e9: out of core here)")
     parser.add_argument("--sparsity", type=float, default=0.8)
+    parser.add_argument("--threads", type=int, default=1, help="threads per rank of the efficiency runs")
+    parser.add_argument("--anchor-params", type=float, default=1e9, help="smaller model of the RSS comparison")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/hpcprune-scale"))
     parser.add_argument("--torch-limit-gib", type=float, default=20.0)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="leave the checkpoint and the first archive in --dir")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale"), help="results stem, or - to only print")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     checkpoint = args.dir / "model.safetensors"
-    params = write_checkpoint(checkpoint, int(args.params))
-    checkpoint_bytes = checkpoint.stat().st_size
-    subprocess.run(["cat", str(checkpoint)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache for both runs
-
-    runs = []
-    for ranks in (1, 2):
-        config, archive = args.dir / f"n{ranks}.yaml", args.dir / f"n{ranks}.h5"
-        write_config(config, checkpoint, archive, args.sparsity)
-        runs.append({**run_ranks(ranks, config), **archive_figures(archive)})
-    same_masks = masks_equal(args.dir / "n1.h5", args.dir / "n2.h5")
-    result = {
-        "params": params, "checkpoint_bytes": checkpoint_bytes, "sparsity": args.sparsity, "cores": os.cpu_count(),
-        "runs": runs, "masks_identical": same_masks,
-        "speedup_2_over_1": runs[0]["wall_seconds"] / runs[1]["wall_seconds"],
-        "max_rank_rss_over_checkpoint_2_ranks": max(runs[1]["peak_rss_bytes"]) / checkpoint_bytes,
-        "global_unstructured": None if args.skip_torch else try_global_unstructured(checkpoint, args.sparsity, args.torch_limit_gib),
-    }
+    try:
+        result = benchmark(args, checkpoint)
+    finally:
+        if not args.keep:
+            checkpoint.unlink(missing_ok=True)
+            for name in ("n1-tdefault", "n2-tdefault"):
+                remove_run(args.dir, name)
     table = render(result)
     print(table)
     if args.out != "-":
@@ -156,49 +268,82 @@ def main() -> None:
         Path(args.out + ".md").write_text(table + "\n")
 
 
-def masks_equal(first: Path, second: Path) -> bool:
-    import h5py
-
-    with h5py.File(first, "r") as a, h5py.File(second, "r") as b:
-        one, two = a["rounds/0001/masks"], b["rounds/0001/masks"]
-        return list(one) == list(two) and all(np.array_equal(one[name][()], two[name][()]) for name in one)
+def benchmark(args, checkpoint: Path) -> dict:
+    params = write_checkpoint(checkpoint, int(args.params))
+    cache = PageCache(checkpoint, ranks_bytes=2 * RSS_BOUND)
+    reference = args.dir / "n1-tdefault.h5"
+    runs = [measured(args.dir, checkpoint, cache, args.sparsity, ranks, threads, None if not index else reference)
+            for index, (ranks, threads) in enumerate([(1, None), (2, None), (1, args.threads), (2, args.threads)])]
+    torch_result = None if args.skip_torch else try_global_unstructured(checkpoint, args.sparsity, args.torch_limit_gib)
+    checkpoint_bytes = checkpoint.stat().st_size
+    checkpoint.unlink()  # before the anchor's checkpoint is written: disk holds one at a time
+    anchor = anchor_run(args.dir, int(args.anchor_params), args.sparsity) if args.params > args.anchor_params else None
+    return {"params": params, "checkpoint_bytes": checkpoint_bytes, "largest_tensor_bytes": TENSOR_BYTES,
+            "rss_bound_bytes": RSS_BOUND, "sparsity": args.sparsity, "cores": os.cpu_count(), "threads": args.threads,
+            "page_cache": cache.describe(), "runs": runs, "anchor": anchor,
+            "masks_identical": all(run["masks_identical"] for run in runs), "global_unstructured": torch_result}
 
 
 def render(result: dict) -> str:
-    gib = 2**30
+    one, two, one_thread, two_threads = result["runs"]
+    cache = result["page_cache"]
+    if cache["warm"]:
+        cache_line = (f"page cache warm: the file fits in the {cache['available_bytes'] / GIB:.1f} GiB available and "
+                      f"is read once before each run")
+    else:
+        cache_line = (f"page cache cold: the file is larger than the {cache['available_bytes'] / GIB:.1f} GiB available, "
+                      f"so it is dropped from the cache before each run and read from disk")
     lines = [
         f"# Scale: score + global select + mask archive of a {result['params'] / 1e9:.2f}e9-parameter safetensors checkpoint",
         "",
-        f"Checkpoint {result['checkpoint_bytes'] / gib:.2f} GiB float32, sparsity {result['sparsity']}, "
-        f"{result['cores']} cores; page cache warm for both runs.",
+        f"Checkpoint {result['checkpoint_bytes'] / GIB:.2f} GiB float32 in {TENSOR_BYTES / 2**20:.0f} MiB tensors, sparsity "
+        f"{result['sparsity']}, {result['cores']} cores; {cache_line} (cold sequential read "
+        f"{cache['cold_read_bytes_per_second'] / 1e9:.2f} GB/s).",
         "",
-        "| ranks | wall s | score + select s | compress + gather s | write s | peak RSS per rank (GiB) | max RSS / checkpoint |",
-        "|---:|---:|---:|---:|---:|---|---:|",
+        "| ranks x threads | wall s | score + select s | record s | rest s | peak RSS per rank (GiB) | max RSS / bound |",
+        "|---|---:|---:|---:|---:|---|---:|",
     ]
     for run in result["runs"]:
-        peaks = ", ".join(f"{peak / gib:.2f}" for peak in run["peak_rss_bytes"])
-        lines.append(f"| {run['ranks']} | {run['wall_seconds']:.1f} | {run['seconds_select']:.1f} | "
-                     f"{run['seconds_record']:.1f} | {run['seconds_write']:.1f} | {peaks} | {max(run['peak_rss_bytes']) / result['checkpoint_bytes']:.3f} |")
-    one, two = result["runs"]
+        peaks = ", ".join(f"{peak / GIB:.2f}" for peak in run["peak_rss_bytes"])
+        record = run["seconds_record"] + run["seconds_write"]
+        lines.append(f"| {run['ranks']} x {run['threads'] or 'default'} | {run['wall_seconds']:.1f} | "
+                     f"{run['seconds_select']:.1f} | {record:.1f} | {run['rest_seconds']:.1f} | {peaks} | "
+                     f"{max(run['peak_rss_bytes']) / result['rss_bound_bytes']:.2f} |")
+    largest = max(peak for run in result["runs"] for peak in run["peak_rss_bytes"])
     lines += [
         "",
-        f"- 2-rank speedup: {result['speedup_2_over_1']:.2f}x wall (target >= 1.6x); "
-        f"{one['seconds_select'] / two['seconds_select']:.2f}x on score + select alone.",
-        f"- Max rank RSS with 2 ranks: {result['max_rank_rss_over_checkpoint_2_ranks']:.3f} x checkpoint bytes (target <= 0.6).",
-        f"- Masks identical for 1 and 2 ranks: {result['masks_identical']}; kept {int(one['kept']):,} of {int(one['total']):,}.",
+        "record: compress, send and write the masks (streamed to rank 0 tensor by tensor); rest: start-up (interpreter, "
+        "imports, MPI), plan, archive creation and the closing event, the part no rank count shortens.",
+        "",
+        f"- Parallel efficiency, {result['threads']} thread(s) per rank: 2 ranks {one_thread['seconds_select'] / two_threads['seconds_select']:.2f}x "
+        f"the 1-rank throughput on score + select (target >= 1.85x), {one_thread['wall_seconds'] / two_threads['wall_seconds']:.2f}x "
+        f"on the whole run (rest {one_thread['rest_seconds']:.1f} s and {two_threads['rest_seconds']:.1f} s, record "
+        f"{one_thread['seconds_record'] + one_thread['seconds_write']:.1f} s and {two_threads['seconds_record'] + two_threads['seconds_write']:.1f} s).",
+        f"- Default threads (earlier versions' figure): 2 ranks {one['wall_seconds'] / two['wall_seconds']:.2f}x wall, "
+        f"{one['seconds_select'] / two['seconds_select']:.2f}x on score + select.",
+        f"- Largest peak RSS of any rank: {largest / GIB:.3f} GiB; bound 2 x largest tensor + 0.5 GiB = "
+        f"{result['rss_bound_bytes'] / GIB:.3f} GiB: {'within' if largest <= result['rss_bound_bytes'] else 'OVER'}.",
     ]
-    torch_result = result["global_unstructured"]
-    if torch_result is None:
-        lines.append("- torch.nn.utils.prune.global_unstructured: not run (--skip-torch).")
-    elif torch_result["fits"]:
-        lines.append(f"- torch.nn.utils.prune.global_unstructured: {torch_result['seconds']:.1f} s, "
-                     f"peak RSS {torch_result['peak_rss_bytes'] / gib:.1f} GiB.")
-    else:
-        peak = torch_result["peak_rss_bytes_before_failure"]
-        lines.append(f"- torch.nn.utils.prune.global_unstructured: does not fit in {torch_result['limit_gib']:.0f} GiB "
-                     f"of address space ({torch_result['error']}); peak RSS before failing "
-                     f"{(peak or 0) / gib:.1f} GiB.")
+    anchor = result["anchor"]
+    if anchor is not None:
+        ratio = two["peak_rss_bytes"][0] / anchor["peak_rss_bytes"][0]
+        lines.append(f"- Rank 0's peak RSS with 2 ranks: {two['peak_rss_bytes'][0] / GIB:.3f} GiB here, "
+                     f"{anchor['peak_rss_bytes'][0] / GIB:.3f} GiB at {anchor['params'] / 1e9:.2f}e9 parameters: "
+                     f"ratio {ratio:.3f} (target within 10 %).")
+    lines.append(f"- Masks identical for every run: {result['masks_identical']}; kept {int(one['kept']):,} of {int(one['total']):,}.")
+    lines.append(torch_line(result["global_unstructured"]))
     return "\n".join(lines)
+
+
+def torch_line(torch_result: dict | None) -> str:
+    if torch_result is None:
+        return "- torch.nn.utils.prune.global_unstructured: not run (--skip-torch)."
+    if torch_result["fits"]:
+        return (f"- torch.nn.utils.prune.global_unstructured: {torch_result['seconds']:.1f} s, "
+                f"peak RSS {torch_result['peak_rss_bytes'] / GIB:.1f} GiB.")
+    peak = torch_result["peak_rss_bytes_before_failure"]
+    return (f"- torch.nn.utils.prune.global_unstructured: does not fit in {torch_result['limit_gib']:.0f} GiB "
+            f"of address space ({torch_result['error']}); peak RSS before failing {(peak or 0) / GIB:.1f} GiB.")
 
 
 if __name__ == "__main__":
