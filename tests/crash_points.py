@@ -40,7 +40,6 @@ POINTS = {
     "save_state": ("hpcprune.models.builders", "save_file", "after"),  # state file written to its temporary name
     "score": ("hpcprune.prune.scoring", "score_tensor", "before"),
     "allreduce": ("world", "allreduce_sum", "before"),  # histograms of selection, metric sums
-    "gather": ("world", "gather_bytes", "before"),
     "send": ("world", "send_bytes", "before"),  # one tensor's mask on its way to rank 0 or a peer
     "broadcast": ("world", "broadcast_bytes", "before"),
     "batch": ("hpcprune.train.finetune", "one_epoch", "batch"),  # one training batch (dense or fine-tuning)

@@ -1,7 +1,7 @@
 """No hangs: a rank that dies or fails while the others wait in a collective ends the whole run.
 
 The kill is a real SIGKILL (no exception, no MPI_Abort from the dying rank) delivered by
-`tests.crash_points` as rank 1 enters an allreduce or a gather that rank 0 is already waiting in;
+`tests.crash_points` as rank 1 enters an allreduce, or sends a mask, that rank 0 is already waiting for;
 the failures are exceptions raised on rank 1 alone by the same driver (a MemoryError in selection)
 or met by it alone (a checkpoint cut inside its tensors). Each launch must end on its own, well
 inside the 60 seconds a stuck allocation would be noticed in; the subprocess timeout is that bound,
@@ -37,7 +37,7 @@ def killed_run(launcher: list[str], point: str, out) -> subprocess.CompletedProc
         pytest.fail(f"{point}: the run was still running {HANG_LIMIT} s after rank 1 was killed")
 
 
-@pytest.mark.parametrize("point", ["allreduce:2", "gather:1"])
+@pytest.mark.parametrize("point", ["allreduce:2", "send:1"])
 def test_a_rank_killed_in_a_collective_ends_mpirun(mpirun, tmp_path, point):
     finished = killed_run([mpirun, "-n", "2"], point, tmp_path / "run.h5")
     assert finished.returncode != 0
@@ -45,7 +45,7 @@ def test_a_rank_killed_in_a_collective_ends_mpirun(mpirun, tmp_path, point):
     assert re.search(r"rank 1 .*(signal 9|Killed)", output), output
 
 
-@pytest.mark.parametrize("point", ["allreduce:2", "gather:1"])
+@pytest.mark.parametrize("point", ["allreduce:2", "send:1"])
 def test_a_rank_killed_in_a_collective_ends_torchrun(tmp_path, point):
     finished = killed_run(torchrun(2, "--no-python"), point, tmp_path / "run.h5")
     assert finished.returncode != 0
