@@ -25,10 +25,10 @@ from hpcprune.archive.codec import pack_mask
 from hpcprune.archive.writer import Archive
 from hpcprune.config import load_config
 from hpcprune.deploy.export import export
-from hpcprune.deploy.safetensors_stream import TensorSpec, write_streamed
 from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
 from hpcprune.models.builders import load_state_file
+from hpcprune.models.safetensors_stream import TensorSpec, write_streamed
 from hpcprune.models.text_windows import eval_windows
 from hpcprune.run.pipeline import run
 from tests.helpers import CONFIGS, run_cli

@@ -56,23 +56,3 @@ def test_data_truncated_after_opening_is_named(tmp_path):
 def test_only_safetensors_files(tmp_path):
     with pytest.raises(UsageError, match="safetensors"):
         CheckpointWeights(tmp_path / "model.pt")
-
-
-def test_tensors_written_one_at_a_time_are_what_safetensors_loads(tmp_path):
-    from hpcprune.models.weights import write_tensors
-
-    shared = torch.randn(6, 4)
-    tensors = {"a.weight": shared, "tied.weight": shared, "b.weight": torch.randn(3, 5).to(torch.bfloat16),
-               "view.weight": torch.randn(8, 8)[::2], "count": torch.arange(7, dtype=torch.int32), "scalar": torch.tensor(2.5)}
-    fetched = []
-
-    def tensor(name):
-        fetched.append(name)
-        return tensors[name]
-
-    write_tensors(tmp_path / "out.safetensors", list(tensors), tensor)
-    loaded = load_file(str(tmp_path / "out.safetensors"))
-    assert set(loaded) == set(tensors)
-    assert all(loaded[name].dtype == tensors[name].dtype and torch.equal(loaded[name], tensors[name]) for name in tensors)
-    assert fetched == list(tensors) * 2  # each fetched when needed (header, then its bytes), never held all at once
-    assert [path.name for path in tmp_path.iterdir()] == ["out.safetensors"]  # written aside, then renamed

@@ -15,7 +15,7 @@ Each tensor is, in its stored dtype:
     else the original folder's tensor;
     and where the round has a mask of that name, its pruned positions set to exactly 0.0.
 
-Tensors are read, masked and written one at a time (`hpcprune.deploy.safetensors_stream`), a mask
+Tensors are read, masked and written one at a time (`hpcprune.models.safetensors_stream`), a mask
 is read from the archive only when its tensor is written: memory holds one tensor and its mask,
 never the model. Every file goes through hpcprune.archive.atomic; the index is written after the
 shards. Before anything is written, the whole export is planned from the files' headers and the
@@ -43,8 +43,8 @@ from hpcprune.archive.reader import ArchiveReader, complete_round, open_archive
 from hpcprune.config import load_config_text
 from hpcprune.deploy.formats import FOLDER_FORMAT
 from hpcprune.deploy.measure import NOT_MEASURED, ExportReport
-from hpcprune.deploy.safetensors_stream import TORCH_DTYPES, TensorSpec, write_streamed
 from hpcprune.errors import UsageError
+from hpcprune.models.safetensors_stream import TORCH_DTYPES, TensorSpec, write_streamed
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -5,24 +5,18 @@
 A `CheckpointWeights` reads one tensor at a time (open, read, close), so a rank holds only the
 tensor it is scoring: a checkpoint larger than a rank's memory can still be scored and masked.
 Its prunable tensors are the floating-point tensors of two or more dimensions named `*weight`.
-
-`write_tensors` is the other way: a safetensors file written one tensor at a time (fan-out hands a
-module's weights to its tasks so). It is hand-written because `safetensors.torch.save_file` takes
-every tensor at once, on the CPU: a model on a GPU would first be copied whole to the host.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from hpcprune.archive.atomic import write_atomically
 from hpcprune.errors import UsageError
 from hpcprune.models.builders import require_finite
 
@@ -102,26 +96,3 @@ def _read_header(path: Path) -> tuple[dict, int]:
         raise UsageError(f"cannot read checkpoint {path}: not a safetensors file ({error})") from None
     header.pop("__metadata__", None)
     return header, 8 + length
-
-
-def write_tensors(path: str | Path, names: Sequence[str], tensor: Callable[[str], torch.Tensor]) -> None:
-    """A safetensors file of `names`, each `tensor(name)` fetched, copied to the host and written in
-    turn (twice: its shape and dtype for the header, then its bytes), so one tensor is in host memory
-    at a time. Written atomically (`hpcprune.archive.atomic`)."""
-    codes = {dtype: code for code, dtype in DTYPES.items()}
-    header, offset = {}, 0
-    for name in names:
-        value = tensor(name)
-        header[name] = {"dtype": codes[value.dtype], "shape": list(value.shape),
-                        "data_offsets": [offset, offset + value.numel() * value.element_size()]}
-        offset += value.numel() * value.element_size()
-    encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-
-    def write(file) -> None:
-        file.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name in names:
-            host = tensor(name).detach().to("cpu").contiguous().reshape(-1)
-            file.write(memoryview(host.view(torch.uint8).numpy()))
-
-    write_atomically(path, write)

@@ -50,7 +50,9 @@ from hpcprune.config import FanoutConfig, RunConfig, load_config_text
 from hpcprune.dist.failures import AgreedFailure
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
-from hpcprune.models.weights import CheckpointWeights, write_tensors
+from hpcprune.models.safetensors_stream import TensorSpec as StreamedTensor
+from hpcprune.models.safetensors_stream import write_streamed
+from hpcprune.models.weights import CheckpointWeights
 from hpcprune.prune.mask_store import store_masks
 from hpcprune.prune.plan import Plan, TensorSpec
 from hpcprune.prune.selection import Selection
@@ -382,12 +384,14 @@ def _describe_round(job, folder: Path, target: float, linger_s: float) -> RoundD
     """The round for the tasks; a model in memory first leaves its prunable tensors (and masks) on
     disk, one tensor at a time."""
     config = job.config
-    names = [spec.name for spec in job.plan.tensors]
     if job.model is None:
         weights = str(Path(config.model.checkpoint).resolve())
     else:
         weights = str(folder / "weights.safetensors")
-        write_tensors(weights, names, job.weights.get)
+        tensors = [job.weights.get(spec.name) for spec in job.plan.tensors]  # views of the parameters, no copies
+        specs = [StreamedTensor(spec.name, tensor.dtype, tuple(tensor.shape)) for spec, tensor in zip(job.plan.tensors, tensors)]
+        del tensors
+        write_streamed(weights, specs, lambda streamed: job.weights.get(streamed.name), metadata={"format": "pt"})
     previous = None
     if job.masks:
         previous = str(folder / "previous.masks")

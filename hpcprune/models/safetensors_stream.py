@@ -1,6 +1,7 @@
 """safetensors files written one tensor at a time, so that a shard of an LLM never sits whole in memory.
 
     hpcprune export runs/llm.h5 --format hf --out pruned/     # writes its shards through this
+    hpcprune prune ... --set fanout.backend=dask              # a module's weights for the tasks, too
 
 Hand-written on purpose: safetensors' own writers (`save_file`, `save`) take every tensor of a file
 as one dict in memory, and a shard of a large model is gigabytes. The format is small and
