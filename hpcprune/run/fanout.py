@@ -54,7 +54,7 @@ from hpcprune.models.safetensors_stream import TensorSpec as StreamedTensor
 from hpcprune.models.safetensors_stream import write_streamed
 from hpcprune.models.weights import CheckpointWeights
 from hpcprune.prune.mask_store import store_masks
-from hpcprune.prune.plan import Plan, TensorSpec
+from hpcprune.prune.plan import Plan
 from hpcprune.prune.selection import Selection
 from hpcprune.prune.step import select_weights
 from hpcprune.run.fanout_files import (
@@ -62,7 +62,7 @@ from hpcprune.run.fanout_files import (
     REFUSALS,
     RoundDescription,
     RoundFiles,
-    read_masks,
+    previous_masks,
     write_masks,
 )
 from hpcprune.run.mask_traffic import share_masks
@@ -148,7 +148,7 @@ def run_shard(folder: str, rank: int) -> str:
     plan = description.plan()
     world = ReplayWorld(files, rank, description.shards, linger_s=description.linger_s)
     shard = ShardJob(config, world, plan, CheckpointWeights(description.weights),
-                     _previous_masks(description.previous, plan.local(rank)))
+                     previous_masks(description.previous, plan.local(rank)))
     try:
         selection = select_weights(shard, description.target)
     except StageReached as reached:
@@ -166,16 +166,6 @@ def run_shard(folder: str, rank: int) -> str:
 def _refusal_elsewhere(failure: AgreedFailure) -> Exception:
     kind = UsageError if failure.exit_code == UsageError.exit_code else ValueError
     return kind(f"stopped: shard {failure.failed_rank} refused the selection")
-
-
-def _previous_masks(path: str | None, specs: list[TensorSpec]) -> Mapping[str, np.ndarray]:
-    """The earlier masks of this shard's tensors, read one at a time from the round's file."""
-    if path is None:
-        return {}
-    wanted = {spec.name for spec in specs}
-    with open(path, "rb") as file:
-        _, masks = read_masks(file)
-        return store_masks(specs, ((name, bits) for name, bits in masks if name in wanted))
 
 
 # --- the coordinator: run every stage until each task wrote its masks ---------------------------------

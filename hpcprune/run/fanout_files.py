@@ -24,6 +24,7 @@ import numpy as np
 from hpcprune.archive.atomic import write_atomically
 from hpcprune.archive.wire import MaskMessage, read_messages
 from hpcprune.errors import UsageError
+from hpcprune.prune.mask_store import store_masks
 from hpcprune.prune.plan import Plan, TensorSpec, assign_owners
 from hpcprune.prune.selection import Selection
 
@@ -136,3 +137,13 @@ def read_masks(file: BinaryIO) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
     if first is None:
         raise ValueError(f"{getattr(file, 'name', 'masks file')} is empty")
     return first.facts, (item for message in messages for item in message.packed().items())
+
+
+def previous_masks(path: str | None, specs: list[TensorSpec]) -> Mapping[str, np.ndarray]:
+    """The earlier masks of this shard's tensors, read one at a time from the round's file."""
+    if path is None:
+        return {}
+    wanted = {spec.name for spec in specs}
+    with open(path, "rb") as file:
+        _, masks = read_masks(file)
+        return store_masks(specs, ((name, bits) for name, bits in masks if name in wanted))
