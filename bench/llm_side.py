@@ -1,0 +1,33 @@
+"""What both sides of bench/llm.py share: their arguments and the tensors they hand back.
+
+    bench/llm_anchor.py and bench/llm_blocks.py import it (bench/ is on sys.path when they run)
+
+Nothing here imports hpcprune or llmcompressor, so each side's own environment can load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def block_weights(model) -> dict[str, torch.Tensor]:
+    """The weights of the Linear layers inside the repeated blocks: what the methods prune."""
+    return {f"{name}.weight": module.weight.detach().to(torch.float32).contiguous()
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}."}
+
+
+def common_arguments(parser: argparse.ArgumentParser, methods: list[str]) -> argparse.ArgumentParser:
+    """The arguments both sides take (this script and bench/llm_blocks.py)."""
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--windows", required=True)
+    parser.add_argument("--method", required=True, choices=methods)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--report", required=True)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--blocksize", type=int, default=128)
+    parser.add_argument("--percdamp", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=1)
+    return parser
