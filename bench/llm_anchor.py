@@ -21,7 +21,11 @@ from importlib.metadata import version
 
 import torch
 from datasets import Dataset
-from llm_side import block_weights, common_arguments  # bench/ is this script's folder
+from llm_side import (  # bench/ is this script's folder
+    block_weights,
+    common_arguments,
+    cpu_seconds,
+)
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import (
     MagnitudePruningModifier,
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": args.method, "windows": list(windows.shape), "threads": args.threads,
         "prune_seconds": solved - loaded, "process_seconds": time.perf_counter() - started,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "cpu_seconds": cpu_seconds(),
         "versions": {name: version(name) for name in ("llmcompressor", "torch", "transformers", "compressed-tensors")},
     }
     with open(args.report, "w") as out:

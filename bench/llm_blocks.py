@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from llm_side import (  # bench/ is this script's folder
         block_weights,
         common_arguments,
+        cpu_seconds,
     )
     from transformers import AutoModelForCausalLM
 
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     save_file(block_weights(model), args.weights)
     report = {"method": args.method, "windows": list(windows.shape), "threads": args.threads,
               "prune_seconds": solved - loaded, "process_seconds": time.perf_counter() - started,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "cpu_seconds": cpu_seconds()}
     Path(args.report).write_text(json.dumps(report, indent=2))
     return 0
 

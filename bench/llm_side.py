@@ -8,6 +8,7 @@ Nothing here imports hpcprune or llmcompressor, so each side's own environment c
 from __future__ import annotations
 
 import argparse
+import resource
 
 import torch
 
@@ -31,3 +32,9 @@ def common_arguments(parser: argparse.ArgumentParser, methods: list[str]) -> arg
     parser.add_argument("--percdamp", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=1)
     return parser
+
+
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process: what wall time is on a machine shared with others."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
