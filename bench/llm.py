@@ -55,6 +55,7 @@ ANCHOR_METHODS = ("sparsegpt", "sparsegpt-2:4", "wanda", "wanda-2:4", "magnitude
 METHODS = ("sparsegpt", "wanda", "sparsegpt-2:4")
 SIDES = ("anchor", "solve", "hpcprune")
 EVAL_BATCH = 4  # eval windows per forward pass
+RATIOS = ("prune_seconds", "cpu_seconds", "peak_rss_bytes", "perplexity")
 
 
 def anchor_python(env: Path = ANCHOR_ENV) -> Path:
@@ -160,7 +161,7 @@ def with_ratios(cells: list[dict]) -> list[dict]:
         anchor = anchors.get(cell["method"].replace("sparsegpt-layer", "sparsegpt"))
         if anchor is None or "failed" in cell or cell["side"] == "anchor":
             continue
-        cell["ratios"] = {key: cell[key] / anchor[key] for key in ("prune_seconds", "peak_rss_bytes", "perplexity")}
+        cell["ratios"] = {key: cell[key] / anchor[key] for key in RATIOS if key in cell and key in anchor}
     return cells
 
 
@@ -169,16 +170,18 @@ def table(result: dict) -> str:
              f"{result['model']}, {result['windows'][0]} windows x {result['windows'][1]} tokens, "
              f"{result['threads']} thread(s), eval {result['eval_windows']} windows; dense perplexity "
              f"{result['dense_perplexity']:.2f}. {result['note']}", "",
-             "| method | side | prune s | peak RSS GiB | sparsity | perplexity | s / anchor | RSS / anchor | ppl / anchor |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | side | prune s | CPU s | peak RSS GiB | sparsity | perplexity | s / anchor | CPU s / anchor "
+             "| RSS / anchor | ppl / anchor |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in result["cells"]:
         if "failed" in cell:
             lines.append(f"| {cell['method']} | {cell['side']} | failed: {cell['failed'].splitlines()[-1][:80]} |")
             continue
         ratios = cell.get("ratios", {})
-        shown = [f"{ratios[key]:.2f}" if key in ratios else "" for key in ("prune_seconds", "peak_rss_bytes", "perplexity")]
-        lines.append(f"| {cell['method']} | {cell['side']} | {cell['prune_seconds']:.0f} | "
-                     f"{cell['peak_rss_bytes'] / 2 ** 30:.2f} | {100 * cell['sparsity']:.2f} % | "
+        shown = [f"{ratios[key]:.3f}" if key in ratios else "" for key in RATIOS]
+        cpu = f"{cell['cpu_seconds']:.0f}" if "cpu_seconds" in cell else ""
+        lines.append(f"| {cell['method']} | {cell['side']} | {cell['prune_seconds']:.0f} | {cpu} | "
+                     f"{cell['peak_rss_bytes'] / 2 ** 30:.2f} | {100 * cell['sparsity']:.4f} % | "
                      f"{cell['perplexity']:.2f} | {' | '.join(shown)} |")
     for side, why in result["skipped"].items():
         lines.append(f"\n{side}: not run: {why}")
