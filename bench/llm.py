@@ -5,7 +5,7 @@
 
 Both sides prune the same model (float32) on the same calibration windows, drawn once here from
 TEXTS/calibration.txt and handed to each side as a file: `--samples` windows of `--sequence-length`
-tokens at seeded offsets, as hpcprune.models.text_windows draws them. Each method of each side runs
+tokens at seeded offsets, drawn by hpcprune.models.text_windows. Each method of each side runs
 in a process of its own, with `--threads` threads, and reports its pruning seconds and its peak RSS:
 
     anchor     llm-compressor's `oneshot` (SparseGPTModifier, WandaPruningModifier; sequential
@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import random
 import subprocess
 import sys
 import time
@@ -71,24 +70,18 @@ def anchor_python(env: Path = ANCHOR_ENV) -> Path:
 
 
 def draw_windows(folder: Path, text: Path, samples: int, length: int, seed: int) -> torch.Tensor:
-    """[samples, length] token ids at seeded offsets (random.Random(seed).randint(0, N - length - 1)
-    per window), as hpcprune.models.text_windows.calibration_windows draws them."""
-    ids = token_ids(folder, text)
-    draw = random.Random(seed)
-    starts = torch.tensor([draw.randint(0, ids.numel() - length - 1) for _ in range(samples)])
-    return ids[starts[:, None] + torch.arange(length)].contiguous()
+    """[samples, length] calibration windows, drawn by hpcprune.models.text_windows as hpcprune draws them."""
+    from hpcprune.config import CalibrationConfig
+    from hpcprune.models.text_windows import calibration_windows
 
-
-def token_ids(folder: Path, text: Path) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return torch.tensor(tokenizer(text.read_text(encoding="utf-8"), verbose=False)["input_ids"], dtype=torch.int64)
+    config = CalibrationConfig(text=str(text), samples=samples, sequence_length=length, seed=seed)
+    return calibration_windows(folder, config).contiguous()
 
 
 def eval_windows(folder: Path, text: Path, length: int, limit: int | None) -> torch.Tensor:
-    ids = token_ids(folder, text)
-    windows = ids[: ids.numel() // length * length].view(-1, length)
+    from hpcprune.models import text_windows
+
+    windows = text_windows.eval_windows(folder, str(text), length)
     return windows[:limit] if limit else windows
 
 
