@@ -35,12 +35,15 @@ SCHEDULES = ("oneshot", "iterative", "gradual", "sequential")
 SEQUENTIAL = "sequential"
 """schedule.kind of the block-sequential pipeline for large transformers (hpcprune.run.sequential)."""
 
-BLOCK_CRITERIA = ("magnitude", "wanda")
+BLOCK_CRITERIA = ("magnitude", "wanda", "sparsegpt")
 """prune.criterion under schedule.kind sequential (hpcprune.prune.sequential.methods.METHODS); a name
 here and not in WEIGHT_CRITERIA exists only in that pipeline."""
 
-BLOCK_CALIBRATED = ("wanda",)
+BLOCK_CALIBRATED = ("wanda", "sparsegpt")
 """Block criteria that read statistics of the calibration windows (METHODS' `statistics` not empty)."""
+
+BLOCK_ROW_DEFAULT = ("wanda", "sparsegpt")
+"""Criteria whose prune.rule is `row` (the same sparsity in every output row) unless one is given."""
 
 BLOCK_RULES = ("row", "layer", "nm")
 """prune.rule under schedule.kind sequential: rules that decide each layer alone, as blocks come."""

@@ -244,10 +244,15 @@ def test_magnitude_needs_no_text_and_a_finished_run_resumes_to_its_figures(tiny_
     ("prune.rule=global", "prune.rule must be one of row, layer, nm"),
     ("prune.criterion=taylor", "is not one of its criteria"),
     ("calibration.text=null", "reads calibration windows"),
+    ("prune.criterion=sparsegpt;calibration.text=null", "reads calibration windows"),
+    ("prune.criterion=sparsegpt;sparsegpt.damping=-0.1", "sparsegpt.damping"),
+    ("prune.criterion=sparsegpt;sparsegpt.block_size=0", "sparsegpt.block_size"),
+    ("prune.criterion=sparsegpt;prune.rule=nm;prune.n=2;prune.m=4;sparsegpt.block_size=6",
+     "sparsegpt.block_size 6 must be a multiple of prune.m 4"),
 ])
 def test_what_the_sequential_schedule_cannot_do_is_refused_by_the_config(tiny_folders, tmp_path, override, message):
     with pytest.raises(UsageError, match=message):
-        load_config(None, sequential_overrides(tiny_folders.llama, tiny_folders, tmp_path / "x.h5", override))
+        load_config(None, sequential_overrides(tiny_folders.llama, tiny_folders, tmp_path / "x.h5", *override.split(";")))
 
 
 def test_refusals_found_at_run_time_name_the_key(tiny_folders, tmp_path):

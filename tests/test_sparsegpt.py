@@ -182,7 +182,7 @@ def test_refuses_what_it_cannot_solve():
     with pytest.raises(ValueError, match="blocksize a multiple"):
         SparseGPTRule(selection="nm", blocksize=30)
     indefinite = -torch.eye(64, dtype=torch.float64)
-    with pytest.raises(HessianNotPositiveDefinite, match="percdamp"):
+    with pytest.raises(HessianNotPositiveDefinite, match="sparsegpt.damping"):
         sparsegpt(weight, indefinite, SparseGPTRule(percdamp=0.0))
 
 

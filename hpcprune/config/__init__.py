@@ -26,10 +26,10 @@ from hpcprune.config.sections import (
                                       Section,
                                       TrainConfig,
 )
-from hpcprune.config.sequential import SequentialConfig
+from hpcprune.config.sequential import SequentialConfig, SparseGPTConfig
 
 __all__ = [
     "CHECKPOINT_MODEL", "CalibrationConfig", "DataConfig", "DistillConfig", "EvalConfig", "FanoutConfig", "FanoutDaskConfig",
     "FanoutSlurmConfig", "LRScheduleConfig", "ModelConfig", "OptimizerConfig", "OutputConfig", "PruneConfig",
-    "RunConfig", "ScheduleConfig", "Section", "SequentialConfig", "TrainConfig", "load_config", "load_config_text", "validate_tree",
+    "RunConfig", "ScheduleConfig", "Section", "SequentialConfig", "SparseGPTConfig", "TrainConfig", "load_config", "load_config_text", "validate_tree",
 ]

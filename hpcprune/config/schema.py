@@ -29,7 +29,11 @@ from hpcprune.config.sections import (
     Section,
     TrainConfig,
 )
-from hpcprune.config.sequential import SequentialConfig, check_sequential
+from hpcprune.config.sequential import (
+    SequentialConfig,
+    SparseGPTConfig,
+    check_sequential,
+)
 
 CHECKPOINT_MODEL = registry.CHECKPOINT_MODEL
 
@@ -59,6 +63,8 @@ class RunConfig(Section):
     """How selection is spread: this process's ranks, or staged tasks on a SLURM job array or dask."""
     sequential: SequentialConfig = Field(default_factory=SequentialConfig)
     """schedule.kind sequential: how the blocks of a large transformer are run one at a time."""
+    sparsegpt: SparseGPTConfig = Field(default_factory=SparseGPTConfig)
+    """prune.criterion sparsegpt: damping and block size of the solve."""
 
     @model_validator(mode="after")
     def _sequential_fits(self) -> RunConfig:

@@ -94,7 +94,7 @@ class PruneConfig(Section):
     rule: Literal[registry.WEIGHT_RULES] = "global"
     """global: exact sparsity over all prunable tensors; layer: the same sparsity in every tensor;
     threshold: prune every weight whose score is <= `threshold`; row: the same sparsity in every output
-    row (the default of criterion wanda); nm: keep `n` of every `m` consecutive input weights."""
+    row (the default of criteria wanda and sparsegpt); nm: keep `n` of every `m` consecutive input weights."""
     sparsity: float = Field(0.9, ge=0, lt=1)
     """Final fraction of prunable weights set to zero (rules global and layer)."""
     threshold: float | None = None
@@ -112,11 +112,11 @@ class PruneConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _rule_follows_criterion(cls, data: Any) -> Any:
-        """Wanda compares within output rows unless a rule is given; nm fixes the sparsity at 1 - n/m."""
+        """Wanda and SparseGPT compare within output rows unless a rule is given; nm fixes the sparsity at 1 - n/m."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        if "rule" not in data and data.get("criterion") == "wanda":
+        if "rule" not in data and data.get("criterion") in registry.BLOCK_ROW_DEFAULT:
             data["rule"] = "row"
         return data
 

@@ -3,7 +3,8 @@
     hpcprune prune --config configs/llm_wanda.yaml --set sequential.threads=4
 
 `sequential` says how the blocks are run (which activations feed the next block, how much of them a
-rank keeps in memory, how many threads a rank computes with); `eval` (hpcprune.config.sections)
+rank keeps in memory, how many threads a rank computes with); `sparsegpt` holds the solve's settings
+of `prune.criterion: sparsegpt`; `eval` (hpcprune.config.sections)
 names the held-out text the run measures before and after pruning. `check_sequential` holds the
 cross-section rules: what the pipeline cannot do is refused with one line before anything runs.
 """
@@ -33,6 +34,17 @@ class SequentialConfig(Section):
     nodes from fighting over cores. Changing it may change masks; resume refuses a changed value."""
 
 
+class SparseGPTConfig(Section):
+    """prune.criterion sparsegpt (hpcprune.prune.sparsegpt): the OBS solve of each Linear layer."""
+
+    damping: float = Field(0.01, ge=0, lt=1)
+    """λ added to the Hessian's diagonal, as a fraction of its mean diagonal (the paper's 1 %): more
+    damping when a layer's Hessian has no Cholesky factor (too few windows, nearly dead inputs)."""
+    block_size: int = Field(128, gt=0)
+    """Input columns solved together (lazy batches of updates, and the span over which rule row/layer
+    chooses each mask adaptively); a multiple of prune.m for rule nm."""
+
+
 def check_sequential(config) -> None:
     """The block-sequential pipeline's limits (`config` is a RunConfig); ValueError names the key."""
     kind = config.schedule.kind
@@ -60,5 +72,8 @@ def check_sequential(config) -> None:
                          f"{', '.join(registry.BLOCK_RULES)}, not {config.prune.rule!r}")
     if config.schedule.rewind_epoch is not None:
         raise ValueError(f"schedule.kind {kind} does not train: schedule.rewind_epoch must be left out")
+    if criterion == "sparsegpt" and config.prune.rule == "nm" and config.sparsegpt.block_size % config.prune.m:
+        raise ValueError(f"sparsegpt.block_size {config.sparsegpt.block_size} must be a multiple of prune.m "
+                         f"{config.prune.m} (each n:m group is chosen within one block)")
     if criterion in registry.BLOCK_CALIBRATED and config.calibration.text is None:
         raise ValueError(f"prune.criterion {criterion!r} reads calibration windows: set calibration.text to a text file")

@@ -2,7 +2,8 @@
 
     hpcprune prune --config configs/llm_sparsegpt.yaml     # prune.criterion: sparsegpt, one layer at a time
 
-Given the layer's Hessian H = 2 Σ XᵀX over its calibration inputs, Algorithm 1 of the paper walks
+Given the layer's Hessian H = 2 Σ XᵀX over its calibration inputs (any positive multiple gives the same
+solution: the damping is relative and the updates are ratios of H⁻¹'s entries), Algorithm 1 of the paper walks
 the input columns left to right. At each column the weights chosen for pruning are set to zero and
 their error is spread over the columns not yet reached (the OBS update, with the rows of the upper
 Cholesky factor U of H⁻¹ standing in for the successively reduced inverse Hessians). Steps, as in
@@ -119,7 +120,7 @@ def _cholesky(matrix: torch.Tensor, what: str, upper: bool = False) -> torch.Ten
     factor, info = torch.linalg.cholesky_ex(matrix, upper=upper)
     if int(info):
         raise HessianNotPositiveDefinite(f"sparsegpt: {what} is not positive definite (leading minor {int(info)}); "
-                                         "raise sparsegpt.percdamp or use more calibration windows")
+                                         "raise sparsegpt.damping or use more calibration windows")
     return factor
 
 

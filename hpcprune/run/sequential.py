@@ -36,7 +36,7 @@ from hpcprune.progress import bar
 from hpcprune.prune.plan import Plan
 from hpcprune.prune.sequential.engine import BlockEngine, pass_stream
 from hpcprune.prune.sequential.layers import block_layers, sequential_plan
-from hpcprune.prune.sequential.methods import METHODS, LayerRule
+from hpcprune.prune.sequential.methods import LayerRule, block_method
 from hpcprune.run.job import RunResult
 from hpcprune.run.sequential_archive import (
     ROUND,
@@ -71,7 +71,7 @@ def run_sequential(config: RunConfig, world: World, *, resume: bool = False, for
 
     runner = BlockRunner(device)
     streams = first_block_inputs(config, lazy, world, calibration, evaluation)
-    engine = BlockEngine(METHODS[config.prune.criterion], LayerRule.of(config.prune), world, runner,
+    engine = BlockEngine(block_method(config), LayerRule.of(config.prune), world, runner,
                          streams.calibration, len(calibration) if calibration is not None else 0,
                          config.sequential.propagate)
     recorded = {row["block"]: row for row in point.recorded}

@@ -3,10 +3,10 @@
     hpcprune prune --config configs/llm_wanda.yaml     # schedule.kind: sequential (hpcprune.run.sequential)
 
 A part of the prune floor. `layers` lists a block's prunable Linear weights; `input_statistics` adds up
-what each method reads of their inputs (Wanda's per-feature Σx², SparseGPT's Hessian 2·XᵀX), one
+what each method reads of their inputs (Wanda's per-feature Σx², SparseGPT's Hessian 2/N·ΣXᵀX), one
 window at a time, exactly across ranks; `methods` is the interface a method implements (the
 statistics it needs, `decide(layer, weight, statistics) -> (mask, new weight or None)`) with
-magnitude and Wanda; `decisions` moves each layer's decision from the rank that made it to every
+magnitude, Wanda and SparseGPT; `decisions` moves each layer's decision from the rank that made it to every
 rank; `reconstruction` measures ‖WX − ŴX‖² / ‖WX‖²; `activations` keeps a rank's windows in memory
 or spilled to disk; `engine` runs one block through all of it. No archive and no pipeline here.
 """

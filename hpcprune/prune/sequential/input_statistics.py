@@ -6,7 +6,8 @@ Forward pre-hooks on the block's Linear layers see each layer's input X (positio
 padding positions of sentence windows left out). Per window, each statistic a method asks for
 becomes one float64 term (`STATISTICS`):
 - input_squares: Σ_t x_tj² per input feature j (Wanda's ‖X_j‖₂ squared), shape [in];
-- hessian: 2·XᵀX (SparseGPT's H), shape [in, in], on the block's device.
+- hessian: 2·XᵀX (SparseGPT's H), shape [in, in], float64 on the block's device; the total is
+  divided by the number N of calibration windows, H = 2/N·ΣXᵀX, as SparseGPT's reference code keeps it.
 Layers that read the same tensor (q, k and v of attention; gate and up of a gated MLP) share one
 statistic: the first of them to run leads the group, and the grouping every rank saw is
 agreed on before the sums, so a rank without windows adds empty sums in the same order.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -38,10 +40,18 @@ def hessian(rows: torch.Tensor) -> torch.Tensor:
     return 2.0 * (rows.T @ rows)
 
 
-# kind -> (one window's term from the input rows, the sum's shape for in_features inputs)
-STATISTICS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[int], tuple[int, ...]]]] = {
-    "input_squares": (input_squares, lambda features: (features,)),
-    "hessian": (hessian, lambda features: (features, features)),
+@dataclass(frozen=True)
+class Statistic:
+    term: Callable[[torch.Tensor], torch.Tensor]  # one window's term from the layer's input rows
+    shape: Callable[[int], tuple[int, ...]]  # the sum's shape for in_features inputs
+    per_window: bool = False  # the total is divided by the number of calibration windows
+
+
+STATISTICS: dict[str, Statistic] = {
+    "input_squares": Statistic(input_squares, lambda features: (features,)),
+    # SparseGPT's reference code (and llm-compressor's) keep H as 2/N·ΣXᵀX over N sequences: the same
+    # scaling here, so that the damping and the saliencies are on the scale those codes use.
+    "hessian": Statistic(hessian, lambda features: (features, features), per_window=True),
 }
 
 LayerStatistics = dict[str, dict[str, torch.Tensor]]  # layer name -> kind -> float64 total
@@ -125,7 +135,7 @@ class InputStatistics(WindowHooks):
                 return
             rows = input_rows(inputs, self._keep)
             for kind in self.kinds:
-                term = STATISTICS[kind][0](rows.to(self.device))
+                term = STATISTICS[kind].term(rows.to(self.device))
                 key = (name, kind)
                 self._terms[key] = self._terms[key] + term if key in self._terms else term
         return add
@@ -147,11 +157,14 @@ class InputStatistics(WindowHooks):
         """Every layer's statistics over all ranks' windows (SpreadTooWide: retry with its mantissa_bits)."""
         leaders = agree_on_leaders(self.leaders, self.layers, world)
         order = [layer for layer in self.layers if leaders[layer.spec.name] == layer.spec.name]
-        sums = [self._sum(layer.spec.name, kind, STATISTICS[kind][1](layer.spec.shape[1]))
+        sums = [self._sum(layer.spec.name, kind, STATISTICS[kind].shape(layer.spec.shape[1]))
                 for layer in order for kind in self.kinds]
         totals = iter(reduce_exactly(sums, world))
-        by_leader = {layer.spec.name: {kind: next(totals) for kind in self.kinds} for layer in order}
+        by_leader = {layer.spec.name: {kind: self._finished(kind, next(totals)) for kind in self.kinds} for layer in order}
         return {layer.spec.name: by_leader[leaders[layer.spec.name]] for layer in self.layers}
+
+    def _finished(self, kind: str, total: torch.Tensor) -> torch.Tensor:
+        return total / self.windows if STATISTICS[kind].per_window and self.windows else total
 
 
 def agree_on_leaders(seen: dict[str, str], layers: list[BlockLayer], world: World) -> dict[str, str]:

@@ -14,6 +14,11 @@ hpcprune.prune.rules: row, layer, nm), so ties and rounding are those of every o
 - magnitude: |W|.
 - wanda: |W_ij| · ‖X_j‖₂ (Sun et al. 2024), the norms from input_squares; rule row compares within
   each output row, as the paper does.
+- sparsegpt: the OBS solve of hpcprune.prune.sparsegpt (Frantar & Alistarh 2023) on the layer's
+  Hessian 2/N·ΣXᵀX: masks chosen by the solve itself (row, layer or nm, exact counts) and the kept
+  weights updated; `sparsegpt.damping` and `sparsegpt.block_size` from the config.
+
+`METHODS` maps each name to its class; `block_method(config)` builds the run's method (`of(config)`).
 """
 
 from __future__ import annotations
@@ -25,13 +30,21 @@ from typing import Protocol
 import torch
 
 from hpcprune.archive.codec import unpack_mask
-from hpcprune.config import PruneConfig
+from hpcprune.config import PruneConfig, RunConfig
 from hpcprune.dist.world import SingleWorld
+from hpcprune.errors import UsageError
 from hpcprune.prune.calibrate import Statistics
 from hpcprune.prune.patterns import rule_options
 from hpcprune.prune.plan import Plan, TensorSpec
 from hpcprune.prune.rules import select
 from hpcprune.prune.scoring import ScoreContext, score_tensor
+from hpcprune.prune.sparsegpt import (
+    DEFAULT_BLOCKSIZE,
+    DEFAULT_PERCDAMP,
+    HessianNotPositiveDefinite,
+    SparseGPTRule,
+    sparsegpt,
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,15 @@ class BlockMethod(Protocol):
         """The layer's mask (and new weight) from its float32 weight and its float64 input statistics."""
 
 
-class Magnitude:
+class Unconfigured:
+    """A method without settings of its own."""
+
+    @classmethod
+    def of(cls, config: RunConfig) -> BlockMethod:
+        return cls()
+
+
+class Magnitude(Unconfigured):
     statistics: tuple[str, ...] = ()
 
     def cost(self, spec: TensorSpec) -> int:
@@ -81,7 +102,7 @@ class Magnitude:
         return Decision(rule.mask(spec, score_tensor("magnitude", spec, weight, ScoreContext(seed=0))))
 
 
-class Wanda:
+class Wanda(Unconfigured):
     statistics: tuple[str, ...] = ("input_squares",)
 
     def cost(self, spec: TensorSpec) -> int:
@@ -93,8 +114,40 @@ class Wanda:
         return Decision(rule.mask(spec, score_tensor("wanda", spec, weight, context)))
 
 
-METHODS: dict[str, BlockMethod] = {
-    "magnitude": Magnitude(),
-    "wanda": Wanda(),
+class SparseGPT:
+    statistics: tuple[str, ...] = ("hessian",)
+
+    def __init__(self, damping: float = DEFAULT_PERCDAMP, block_size: int = DEFAULT_BLOCKSIZE):
+        self.damping, self.block_size = damping, block_size
+
+    @classmethod
+    def of(cls, config: RunConfig) -> SparseGPT:
+        return cls(config.sparsegpt.damping, config.sparsegpt.block_size)
+
+    def cost(self, spec: TensorSpec) -> int:
+        """The column sweep and the lazy updates touch rows · in² numbers; the Cholesky factors in³."""
+        rows, features = spec.shape
+        return rows * features * features + features ** 3
+
+    def decide(self, spec, weight, statistics, rule) -> Decision:
+        options = dict(rule.options)
+        solve = SparseGPTRule(sparsity=rule.sparsity, selection=rule.name, n=options.get("n", 2), m=options.get("m", 4),
+                              blocksize=self.block_size, percdamp=self.damping)
+        try:
+            solved = sparsegpt(weight, statistics["hessian"], solve)
+        except HessianNotPositiveDefinite as failed:
+            raise UsageError(f"{spec.name}: {failed}") from None
+        return Decision(solved.keep, solved.weight.to(torch.float32))
+
+
+METHODS: dict[str, type] = {
+    "magnitude": Magnitude,
+    "wanda": Wanda,
+    "sparsegpt": SparseGPT,
 }
 """prune.criterion under schedule.kind sequential (names in hpcprune.registry.BLOCK_CRITERIA)."""
+
+
+def block_method(config: RunConfig) -> BlockMethod:
+    """The run's method, with its settings from the config."""
+    return METHODS[config.prune.criterion].of(config)
