@@ -59,6 +59,17 @@ def archive_masks(path: Path, round_index: int) -> dict[str, np.ndarray]:
         return {name: group[name][()] for name in group}
 
 
+def updated_weights(path: Path) -> dict[str, bytes]:
+    """A block-sequential run's updated weights (methods that change them), as the bytes of each
+    float32 tensor, from the shards its blocks table names; {} for a method that changes none."""
+    from safetensors.numpy import load_file
+
+    from hpcprune.archive.blocks import recorded_blocks
+
+    return {name: tensor.tobytes() for row in recorded_blocks(path, 1) if row["weights_file"]
+            for name, tensor in load_file(row["weights_file"]).items()}
+
+
 def complete_rounds(path: Path) -> list[int]:
     with h5py.File(path, "r") as archive:
         rounds = archive.get("rounds", {})

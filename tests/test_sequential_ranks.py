@@ -1,6 +1,6 @@
-"""The block-sequential pipeline under real launchers: masks, reconstruction errors and perplexities
-bit-identical for 1 process, mpirun -n 2 and -n 3 and torchrun, with window counts that do not divide
-evenly and fewer windows than ranks.
+"""The block-sequential pipeline under real launchers: masks, SparseGPT's updated weights,
+reconstruction errors and perplexities bit-identical for 1 process, mpirun -n 2 and -n 3 and
+torchrun, with window counts that do not divide evenly and fewer windows than ranks.
 
     python -m pytest -q tests/test_sequential_ranks.py
 """
@@ -15,7 +15,7 @@ import pytest
 
 from hpcprune import registry
 from hpcprune.archive.blocks import round_tables
-from tests.helpers import assert_same_masks, launch, torchrun
+from tests.helpers import assert_same_masks, launch, torchrun, updated_weights
 
 CASES = [
     "llama-wanda-row:llama:",  # 7 calibration windows: 4 + 3 on two ranks, 3 + 2 + 2 on three
@@ -23,7 +23,10 @@ CASES = [
     "llama-dense-spilled:gemma_tied:sequential.propagate=dense;sequential.activation_budget_mb=0.01",
     "opt-magnitude-layer:opt:prune.criterion=magnitude;prune.rule=layer",
     "bert-wanda-nm:bert:prune.rule=nm;prune.n=2;prune.m=4",
+    "llama-sparsegpt-row:llama:prune.criterion=sparsegpt;sparsegpt.block_size=24",  # q/k/v share a Hessian; blocks of 24 of 32 or 64 inputs
+    "opt-sparsegpt-nm:opt:prune.criterion=sparsegpt;prune.rule=nm;prune.n=2;prune.m=4;sparsegpt.block_size=16",
 ]
+UPDATES_WEIGHTS = ("llama-sparsegpt-row", "opt-sparsegpt-nm")
 FIGURES = ("kept", "achieved_sparsity", "eval_metric", "eval_dense", "eval_pruned", "blocks")
 
 
@@ -55,6 +58,9 @@ def assert_same_runs(mine: Path, reference: Path) -> None:
         name = case.partition(":")[0]
         ours, theirs = mine / f"{name}.h5", reference / f"{name}.h5"
         assert_same_masks(ours, theirs)
+        weights = updated_weights(ours)
+        assert weights == updated_weights(theirs), name
+        assert bool(weights) == (name in UPDATES_WEIGHTS), name
         assert figures(ours) == figures(theirs), name  # the exact sums: the same float64 bits
         errors = [[(row["name"], row["error"]) for row in round_tables(path, 1)["reconstruction"]] for path in (ours, theirs)]
         assert str(errors[0]) == str(errors[1]), name  # str: NaN equals NaN
