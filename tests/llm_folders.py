@@ -145,13 +145,15 @@ def _special_ids(tokenizer) -> dict:
 
 
 def build_folder(kind: str, out: Path, *, dtype: str = "float32", sharded: bool = False, layers: int = 3,
-                 seed: int = 0) -> Path:
-    """Write a tiny random `kind` model (see KINDS) with its tokenizer into `out`; returns `out`."""
+                 seed: int = 0, **sizes: int) -> Path:
+    """Write a tiny random `kind` model (see KINDS) with its tokenizer into `out`; returns `out`.
+    `sizes` override the kind's config sizes (intermediate_size=..., say)."""
     import transformers
 
     spec = KINDS[kind]
     tokenizer = spec.tokenizer()
-    config = getattr(transformers, spec.config)(vocab_size=len(tokenizer), **spec.sizes(layers), **_special_ids(tokenizer))
+    config = getattr(transformers, spec.config)(vocab_size=len(tokenizer), **{**spec.sizes(layers), **sizes},
+                                              **_special_ids(tokenizer))
     torch.manual_seed(seed)
     model = getattr(transformers, spec.model)(config).to(DTYPES[dtype]).eval()
     out.mkdir(parents=True, exist_ok=True)

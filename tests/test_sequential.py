@@ -22,8 +22,13 @@ from hpcprune.errors import UsageError
 from hpcprune.models.lazy import LazyModel
 from hpcprune.models.skeleton import build_skeleton, find_blocks
 from hpcprune.models.text_windows import eval_windows
+from hpcprune.prune.plan import TensorSpec
 from hpcprune.prune.selection import prune_count
 from hpcprune.prune.sequential import activations
+from hpcprune.prune.sequential.layers import BlockLayer
+from hpcprune.prune.sequential.methods import METHODS, LayerRule
+from hpcprune.prune.sequential.pieces import block_pieces
+from hpcprune.prune.sparsegpt import ROW_TILE
 from hpcprune.read.summary import render_summary, summary
 from hpcprune.run.pipeline import run
 from tests.helpers import CONFIGS, archive_masks, assert_same_masks, run_cli
@@ -173,6 +178,41 @@ def test_sparsegpt_exports_its_updated_weights_to_a_folder_transformers_loads(ti
         assert not torch.equal(parameters[name][keep], dense[name][keep]), name  # the kept weights moved
     windows = eval_windows(str(tmp_path / "hf"), str(tiny_folders.evaluation), 24)
     assert perplexity_of(model, windows) == pytest.approx(result.eval_pruned, rel=1e-12)
+
+
+SMOLLM2_LAYERS = dict(zip(LLAMA_LAYERS, [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
+                                         (576, 1536)]))
+
+
+def smollm2_block_layers() -> list[BlockLayer]:
+    return [BlockLayer(TensorSpec(position, f"model.layers.0.{name}.weight", shape),
+                       torch.nn.Linear(shape[1], shape[0], bias=False, device="meta"))
+            for position, (name, shape) in enumerate(SMOLLM2_LAYERS.items())]
+
+
+def test_a_blocks_solves_go_costliest_first_and_rows_are_cut_only_for_more_ranks_than_layers():
+    layers, sparsegpt = smollm2_block_layers(), METHODS["sparsegpt"]()
+    row = LayerRule("row", 0.5)
+    two = block_pieces(layers, 2, sparsegpt, row)
+    assert [piece.rows for piece, _ in two] == [None] * 7
+    loads = [sum(sparsegpt.cost(piece.spec(0)) for piece, owner in two if owner == rank) for rank in (0, 1)]
+    assert max(loads) < 1.1 * min(loads)  # down_proj alone weighs a third of the block
+    assert dict((piece.key, owner) for piece, owner in two)["model.layers.0.mlp.down_proj.weight"] == 0  # costliest first
+    nine = block_pieces(layers, 9, sparsegpt, row)
+    assert len(nine) == 9 and sorted({owner for _, owner in nine}) == list(range(9))
+    for layer in layers:  # the cuts of a layer cover its rows in order, on tile boundaries
+        cuts = [piece.rows for piece, _ in nine if piece.layer is layer]
+        if cuts != [None]:
+            assert cuts[0][0] == 0 and cuts[-1][1] == layer.spec.shape[0]
+            assert all(end == start and start % ROW_TILE == 0 for (_, end), (start, _) in zip(cuts, cuts[1:]))
+    assert [piece.rows for piece, _ in block_pieces(layers, 9, sparsegpt, LayerRule("layer", 0.5))] == [None] * 7
+    assert [piece.rows for piece, _ in block_pieces(layers, 9, METHODS["wanda"](), row)] == [None] * 7
+    wide = [BlockLayer(TensorSpec(position, f"model.layers.0.mlp.{name}.weight", (288, 32)),
+                       torch.nn.Linear(32, 288, bias=False, device="meta")) for position, name in enumerate(("gate", "up"))]
+    three = block_pieces(wide, 3, sparsegpt, row)  # tests/test_sequential_ranks.py's wide case under mpirun -n 3
+    assert [(piece.key, owner) for piece, owner in three] == [
+        ("model.layers.0.mlp.gate.weight[0:128]", 2), ("model.layers.0.mlp.gate.weight[128:288]", 1),
+        ("model.layers.0.mlp.up.weight", 0)]  # the whole layer costs most: rank 0, then the larger range
 
 
 def test_only_one_block_is_in_memory_at_a_time(tiny_folders, tmp_path, monkeypatch):

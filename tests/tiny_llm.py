@@ -4,7 +4,8 @@
 
 The folders are tests/llm_folders.py's tiny random ones, under one root so that a driver started
 by mpirun finds them from a single path (`Folders.at`): a 3-block LLaMA in float32 shards with an
-index, a 2-block Gemma in bfloat16 whose LM head is its embeddings, a 2-block OPT and a 2-block BERT.
+index, a 2-block Gemma in bfloat16 whose LM head is its embeddings, a 2-block OPT, a 2-block BERT and
+a 1-block LLaMA with a wide MLP (rows enough to be split over ranks).
 In the LLaMA, the norms before attention and MLP make a few input channels loud, so that Wanda's
 activation norms choose other weights than magnitude does. The texts are llm_folders' corpus (what
 the tiny tokenizers were trained on): one for calibration, another seed for evaluation.
@@ -28,6 +29,7 @@ class Folders:
     gemma_tied: Path
     opt: Path
     bert: Path
+    llama_wide: Path  # one block whose gate and up projections have 288 rows: SparseGPT can cut them
     calibration: Path  # text files
     evaluation: Path
 
@@ -58,6 +60,7 @@ MODELS = {
     "gemma_tied": lambda folder: build_folder("gemma", folder, dtype="bfloat16", layers=2, seed=1),
     "opt": lambda folder: build_folder("opt", folder, layers=2),
     "bert": lambda folder: build_folder("bert", folder, layers=2),
+    "llama_wide": lambda folder: build_folder("llama", folder, layers=1, intermediate_size=288),
 }
 
 

@@ -2,16 +2,17 @@
 
     mpirun -n 3 hpcprune prune --config configs/llm_wanda.yaml     # each rank decides its share of a block
 
-Each rank in turn broadcasts the decisions of the layers it owns: the masks as one
+Each rank in turn broadcasts the decisions of the layers (or row ranges of a layer) it owns: the masks as one
 `hpcprune.archive.wire` message (compressed and checksummed once, by the rank that decided them,
 and written to the archive by rank 0 as they arrive), then the new weights of a method that changes
-them as safetensors bytes. Every rank ends with the same `BlockDecisions`, whatever rank decided what.
+them as safetensors bytes. Every rank ends with the same `BlockDecisions`, whatever rank decided what;
+`joined` puts the row ranges of a layer split over ranks back together.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from hpcprune.archive.codec import EncodedMask, pack_mask, unpack_mask
 from hpcprune.archive.wire import MaskMessage
 from hpcprune.dist.world import World
 from hpcprune.prune.sequential.methods import Decision
+from hpcprune.prune.sequential.pieces import Piece
 
 LENGTH = struct.Struct("<Q")  # bytes of the mask message that begins a rank's payload
 
@@ -54,6 +56,30 @@ class BlockDecisions:
         (length,), start = LENGTH.unpack_from(data), LENGTH.size
         weights = data[start + length:]
         return cls(MaskMessage.from_bytes(data[start:start + length]), load_tensors(weights) if weights else {})
+
+
+    def joined(self, pieces: Sequence[Piece]) -> BlockDecisions:
+        """The decisions of row ranges (pieces.py) put together into their layers' decisions."""
+        split: dict[str, list[Piece]] = {}
+        for piece in pieces:
+            if piece.rows is not None:
+                split.setdefault(piece.layer.spec.name, []).append(piece)
+        if not split:
+            return self
+        cut = {piece.key for parts in split.values() for piece in parts}
+        masks = {name: entry for name, entry in self.masks.masks.items() if name not in cut}
+        weights = {name: weight for name, weight in self.weights.items() if name not in cut}
+        joined_masks = {}
+        for name, parts in split.items():
+            parts = sorted(parts, key=lambda piece: piece.rows)
+            features = parts[0].layer.spec.shape[1:]
+            joined_masks[name] = pack_mask(torch.cat([
+                unpack_mask(self.masks.packed([piece.key])[piece.key], (piece.rows[1] - piece.rows[0], *features))
+                for piece in parts]))
+            if parts[0].key in self.weights:
+                weights[name] = torch.cat([self.weights[piece.key] for piece in parts])
+        masks.update(MaskMessage.of_packed(joined_masks).masks)
+        return BlockDecisions(MaskMessage(masks, self.masks.facts), weights)
 
 
 def share_decisions(mine: Mapping[str, Decision], world: World) -> BlockDecisions:

@@ -5,8 +5,9 @@
 `BlockEngine.prune(block, layers)`, with the block's weights loaded:
 1. the block runs the rank's calibration windows one at a time, dense, with hooks that add each
    layer's input statistics (hpcprune.prune.sequential.input_statistics), summed exactly over ranks;
-2. each layer is decided on the rank that owns it (`block_owners`, by the method's cost) and the
-   decisions reach every rank (hpcprune.prune.sequential.decisions);
+2. each layer, or range of a layer's rows when there are more ranks than layers, is decided on the
+   rank that owns it (hpcprune.prune.sequential.pieces, by the method's cost, costliest first) and
+   the decisions reach every rank (hpcprune.prune.sequential.decisions);
 3. masks (and new weights) are applied: pruned weights are exactly +0.0;
 4. the pruned block runs the windows again, measuring each layer's reconstruction error, and its
    outputs become the next block's inputs (`sequential.propagate: pruned`); with `dense`, the dense
@@ -31,8 +32,9 @@ from hpcprune.models.block_calls import BlockRunner
 from hpcprune.prune.sequential.activations import Stream, WindowStore
 from hpcprune.prune.sequential.decisions import BlockDecisions, share_decisions
 from hpcprune.prune.sequential.input_statistics import InputStatistics, LayerStatistics
-from hpcprune.prune.sequential.layers import BlockLayer, block_owners
+from hpcprune.prune.sequential.layers import BlockLayer
 from hpcprune.prune.sequential.methods import BlockMethod, LayerRule
+from hpcprune.prune.sequential.pieces import block_pieces
 from hpcprune.prune.sequential.reconstruction import ReconstructionErrors
 
 RETRIES = 3  # passes with fewer fixed-point bits after a SpreadTooWide, before giving up
@@ -54,11 +56,11 @@ class BlockEngine:
 
     def prune(self, block: nn.Module, layers: list[BlockLayer]) -> BlockOutcome:
         statistics, dense_outputs = self._dense_pass(block, layers)
-        owners = block_owners(layers, self.world.size, self.method.cost)
-        mine = {layer.spec.name: self.method.decide(layer.spec, layer.module.weight, statistics.get(layer.spec.name, {}),
-                                                    self.rule)
-                for layer in layers if owners[layer.spec.name] == self.world.rank}
-        decisions = share_decisions(mine, self.world)
+        pieces = block_pieces(layers, self.world.size, self.method, self.rule)
+        mine = {piece.key: self.method.decide(piece.layer.spec, piece.layer.module.weight,
+                                              statistics.get(piece.layer.spec.name, {}), self.rule, rows=piece.rows)
+                for piece, owner in pieces if owner == self.world.rank}
+        decisions = share_decisions(mine, self.world).joined([piece for piece, _ in pieces])
         dense_weights = ({layer.spec.name: layer.module.weight.detach().clone() for layer in layers}
                          if self.calibration is not None else {})
         apply_decisions(layers, decisions)

@@ -5,12 +5,11 @@
 Names are the model's state-dict names (`model.layers.0.self_attn.q_proj.weight`), numbered in block
 order, then in the block's parameter order: the order of the archive's masks. Embeddings, norms and
 the LM head lie outside the blocks and are never pruned; `prune.exclude` leaves more out. Each block's
-layers are spread over the ranks by the cost of deciding them (`block_owners`), costliest first.
+layers are spread over the ranks by the cost of deciding them (hpcprune.prune.sequential.pieces).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -18,7 +17,7 @@ from torch import nn
 from hpcprune.config import PruneConfig
 from hpcprune.errors import UsageError
 from hpcprune.prune.patterns import check_nm_shapes
-from hpcprune.prune.plan import Plan, TensorSpec, assign_owners, prunable_tensors
+from hpcprune.prune.plan import Plan, TensorSpec, prunable_tensors
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ class BlockLayer:
 
 
 def sequential_plan(blocks: nn.ModuleList, blocks_path: str, prune: PruneConfig) -> Plan:
-    """The run's prunable weights, every rank the same; owners are decided per block (`block_owners`)."""
+    """The run's prunable weights, every rank the same; owners are decided per block (pieces.py)."""
     candidates = [(f"{blocks_path}.{index}.{name}.weight", tuple(module.weight.shape))
                   for index, block in enumerate(blocks)
                   for name, module in block.named_modules() if isinstance(module, nn.Linear)]
@@ -46,10 +45,3 @@ def block_layers(plan: Plan, block: nn.Module, prefix: str) -> list[BlockLayer]:
     """The plan's layers inside `block` (state-dict prefix `prefix`), in plan order."""
     modules = {f"{prefix}.{name}.weight": module for name, module in block.named_modules()}
     return [BlockLayer(spec, modules[spec.name]) for spec in plan.tensors if spec.name in modules]
-
-
-def block_owners(layers: list[BlockLayer], world_size: int, cost: Callable[[TensorSpec], int]) -> dict[str, int]:
-    """Layer name -> the rank that decides it, balanced by `cost`."""
-    numbered = tuple(TensorSpec(position, layer.spec.name, layer.spec.shape) for position, layer in enumerate(layers))
-    owners = assign_owners(numbered, world_size, cost)
-    return {layer.spec.name: owner for layer, owner in zip(layers, owners)}
