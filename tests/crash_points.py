@@ -49,6 +49,9 @@ POINTS = {
     "block_forward": ("hpcprune.models.block_calls", "call_block", "before"),  # a window through a block (sequential)
     "record_block": ("hpcprune.archive.blocks:BlockRecords", "record_block", "after"),  # a block's masks just recorded
     "select": ("hpcprune.prune.streaming:Streamer", "run", "before"),  # a pass of selection over this rank's scores
+    "solve": ("hpcprune.prune.sequential.methods:SparseGPT", "decide", "before"),  # one layer's OBS solve (sequential)
+    # One rank's decisions (masks and updated weights) received, the next rank's not yet: mid-broadcast.
+    "decisions": ("hpcprune.prune.sequential.decisions:BlockDecisions", "from_bytes", "after"),
 }
 
 counts: Counter[str] = Counter()

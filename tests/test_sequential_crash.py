@@ -3,9 +3,10 @@
     python -m pytest -q tests/test_sequential_crash.py
 
 The kills are real SIGKILLs from tests.crash_points: mid-forward of a window through a block, just
-after a block's masks are recorded, in a collective, while the archive is written. After each kill
+after a block's masks are recorded, in a collective, while the archive is written; for SparseGPT,
+between a block's solves and in the middle of the broadcast of its updated weights. After each kill
 the archive must open and every recorded block must be whole; the run resumed to its end must hold
-the uninterrupted run's masks, reconstruction errors and perplexities, to the bit.
+the uninterrupted run's masks, updated weights, reconstruction errors and perplexities, to the bit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import h5py
 from hpcprune.archive.blocks import recorded_blocks, round_tables
 from hpcprune.archive.reader import open_archive
 from hpcprune.dist.signals import PREEMPTED_EXIT
-from tests.helpers import ROOT, archive_masks, launch, mpi_env
+from tests.helpers import ROOT, archive_masks, launch, mpi_env, updated_weights
 from tests.test_reliability_crash import kill_chains, kill_schedule
 from tests.tiny_llm import Folders, sequential_overrides
 
@@ -52,7 +53,8 @@ def run_facts(path: Path) -> dict:
         attrs = {key: str(value) for key, value in archive["rounds/0001"].attrs.items() if not key.startswith("seconds")}
     return {"masks": {name: packed.tobytes() for name, packed in archive_masks(path, 1).items()}, "attrs": attrs,
             "reconstruction": str(tables["reconstruction"]), "metrics": str(tables["metrics"]),
-            "blocks": [(row["block"], row["weights_file"]) for row in tables["blocks"]]}
+            "blocks": [(row["block"], bool(row["weights_file"])) for row in tables["blocks"]],
+            "weights": updated_weights(path)}
 
 
 def assert_consistent(path: Path) -> None:
@@ -84,6 +86,29 @@ def test_ten_random_kills_under_mpirun_resume_to_the_uninterrupted_run(mpirun, m
     finished = crash_run(tiny_folders, out, "--resume", launcher=launcher)
     assert finished.returncode == 0, finished.stderr
     assert_same_facts(out, reference)
+
+
+def test_kills_in_sparsegpts_solves_and_weight_broadcast_resume_to_the_uninterrupted_run(mpirun, mpi4py, tiny_folders,
+                                                                                         tmp_path):
+    launcher, sparsegpt = [mpirun, "-n", "2"], ("--set", "prune.criterion=sparsegpt")
+    reference, count = tmp_path / "reference.h5", tmp_path / "counts"
+    done = crash_run(tiny_folders, reference, *sparsegpt, launcher=launcher, count=count)
+    assert done.returncode == 0, done.stderr
+    counts = [json.loads(Path(f"{count}.{rank}").read_text()) for rank in (0, 1)]
+    assert counts[0]["solve"] + counts[1]["solve"] == 3 * 7 and counts[1]["decisions"] == 3 * 2  # 3 blocks, 2 ranks
+    out = tmp_path / "run.h5"
+    # Rank 1 between two solves of block 1; then, resumed at block 1, rank 0 holding its own block-1
+    # decisions and waiting for rank 1's; then rank 1 with rank 0's block-2 weights, before sending its own.
+    for kill, rank in [(f"solve:{counts[1]['solve'] // 2 + 1}", 1), ("decisions:1", 0), ("decisions:3", 1)]:
+        killed = crash_run(tiny_folders, out, *sparsegpt, "--resume", launcher=launcher, kill=kill, rank=rank)
+        assert killed.returncode != 0 and Path(f"{out}.killed").read_text() == f"{kill} on rank {rank}", killed.stderr
+        Path(f"{out}.killed").unlink()
+        assert_consistent(out)
+    assert [row["block"] for row in recorded_blocks(out, 1)] == [0, 1]  # every kill stopped within its block
+    finished = crash_run(tiny_folders, out, *sparsegpt, "--resume", launcher=launcher)
+    assert finished.returncode == 0, finished.stderr
+    assert_same_facts(out, reference)
+    assert run_facts(out)["weights"]  # the comparison held SparseGPT's weights, not an empty table
 
 
 def assert_same_facts(mine: Path, reference: Path) -> None:
