@@ -14,9 +14,11 @@ in a process of its own, with `--threads` threads, and reports its pruning secon
                then llmcompressor==ANCHOR_VERSION): never a dependency of hpcprune. See bench/llm_anchor.py.
     solve      hpcprune's decisions (hpcprune.prune.sparsegpt, Wanda and magnitude with hpcprune's
                row and N:M rules) in a block loop of the benchmark's own, the whole model in memory:
-               bench/llm_blocks.py. It measures the solvers until the block-sequential pipeline lands.
-    hpcprune   `hpcprune prune` with `schedule.kind: sequential`, 1 rank and `mpirun -n 2`: the
-               pipeline of issue 13, refused with a message while this checkout lacks it.
+               bench/llm_blocks.py (the solvers alone, no pipeline around them).
+    hpcprune   `hpcprune prune` with `schedule.kind: sequential` on 1 rank, and hpcprune-2 the same
+    hpcprune-2 under `mpirun -n 2`: the real pipeline, block by block (bench/llm_pipeline.py); seconds
+               are the whole run's, start-up and reading the model included; peak RSS is the largest
+               rank's, CPU seconds the ranks' sum. hpcprune-2's ratio to hpcprune is in the table too.
 
 Then this process loads each side's pruned weights into the dense model and measures, with one
 function for all, the achieved sparsity (exact zeros among the blocks' Linear weights) and the
@@ -25,6 +27,11 @@ one dropped; --eval-windows keeps the first N), exp of the mean next-token loss 
 
 Results: bench/results/<name>.json (every cell, written after each one) and <name>.md, with the
 ratios of every side to the anchor for the same method (seconds, peak RSS, perplexity).
+
+The full-size figures (64 windows x 256 tokens, all eval windows, one thread per rank), on a quiet machine:
+
+    nice python bench/llm.py --model ~/.cache/hpcprune/smollm2-135m --texts ~/.cache/hpcprune/texts \
+        --sides anchor hpcprune hpcprune-2 --methods sparsegpt wanda sparsegpt-2:4 magnitude
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from llm_pipeline import RANKS, SETTINGS, clean, run_pipeline
 from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
@@ -51,8 +59,8 @@ ANCHOR_ENV = HERE / ".venv-llmcompressor"
 ANCHOR_TORCH = "2.13.0"  # the CPU wheel these machines have on disk
 ANCHOR_VERSION = "0.14.*"
 ANCHOR_METHODS = ("sparsegpt", "sparsegpt-2:4", "wanda", "wanda-2:4", "magnitude")
-METHODS = ("sparsegpt", "wanda", "sparsegpt-2:4")
-SIDES = ("anchor", "solve", "hpcprune")
+METHODS = ("sparsegpt", "wanda", "sparsegpt-2:4", "magnitude")
+SIDES = ("anchor", "solve", "hpcprune", "hpcprune-2")
 EVAL_BATCH = 4  # eval windows per forward pass
 RATIOS = ("prune_seconds", "cpu_seconds", "peak_rss_bytes", "perplexity")
 
@@ -117,7 +125,9 @@ def sparsity_of(model) -> float:
 
 
 def run_side(side: str, method: str, args, work: Path) -> dict:
-    """One side's run of `method` in its own process; its report plus the pruned model's measures."""
+    """One side's run of `method` in its own process(es); its report plus the pruned model's measures."""
+    if side in RANKS:
+        return _measured(side, method, args, run_pipeline(side, method, args, work), lambda: clean(work, side, method))
     script, python = {"anchor": ("llm_anchor.py", None), "solve": ("llm_blocks.py", sys.executable)}[side]
     python = python or str(anchor_python())
     stem = work / f"{side}-{method.replace(':', '_')}"
@@ -131,28 +141,34 @@ def run_side(side: str, method: str, args, work: Path) -> dict:
     if finished.returncode:
         return {"side": side, "method": method, "failed": finished.stderr[-4000:]}
     report = json.loads(Path(f"{stem}.json").read_text())
-    model = load_model(args.model, Path(f"{stem}.safetensors"))
-    report.update(side=side, method=method, wall_seconds=time.perf_counter() - started,
-                  sparsity=sparsity_of(model), perplexity=perplexity(model, args.eval_ids))
-    Path(f"{stem}.safetensors").unlink()
+    report["wall_seconds"] = time.perf_counter() - started
+    weights = Path(f"{stem}.safetensors")
+    return _measured(side, method, args, (report, load_model(args.model, weights)), weights.unlink)
+
+
+def _measured(side: str, method: str, args, outcome, cleanup) -> dict:
+    """The side's report with the achieved sparsity and perplexity of the model it pruned."""
+    if isinstance(outcome, dict):  # failed
+        return outcome
+    report, model = outcome
+    if isinstance(model, Path):  # an exported folder
+        model = load_model(model)
+    report.update(side=side, method=method, sparsity=sparsity_of(model), perplexity=perplexity(model, args.eval_ids))
+    cleanup()
     return report
-
-
-def hpcprune_side_available() -> str | None:
-    """Why `hpcprune prune` cannot run the block-sequential pipeline here, or None when it can."""
-    from hpcprune import registry
-
-    if "sequential" not in registry.SCHEDULES or "sparsegpt" not in registry.WEIGHT_CRITERIA:
-        return "this checkout has no schedule.kind: sequential with prune.criterion: sparsegpt yet (issues 13, 14)"
-    return "the pipeline exists but bench/llm.py does not drive it yet"
 
 
 def with_ratios(cells: list[dict]) -> list[dict]:
     """Each cell's seconds, peak RSS and perplexity over the anchor's for the same method."""
     anchors = {cell["method"]: cell for cell in cells if cell["side"] == "anchor" and "failed" not in cell}
+    one_rank = {cell["method"]: cell for cell in cells if cell["side"] == "hpcprune" and "failed" not in cell}
     for cell in cells:
+        if "failed" in cell:
+            continue
+        if cell["side"] == "hpcprune-2" and cell["method"] in one_rank:
+            cell["seconds_vs_1_rank"] = cell["prune_seconds"] / one_rank[cell["method"]]["prune_seconds"]
         anchor = anchors.get(cell["method"].replace("sparsegpt-layer", "sparsegpt"))
-        if anchor is None or "failed" in cell or cell["side"] == "anchor":
+        if anchor is None or cell["side"] == "anchor":
             continue
         cell["ratios"] = {key: cell[key] / anchor[key] for key in RATIOS if key in cell and key in anchor}
     return cells
@@ -164,20 +180,19 @@ def table(result: dict) -> str:
              f"{result['threads']} thread(s), eval {result['eval_windows']} windows; dense perplexity "
              f"{result['dense_perplexity']:.2f}. {result['note']}", "",
              "| method | side | prune s | CPU s | peak RSS GiB | sparsity | perplexity | s / anchor | CPU s / anchor "
-             "| RSS / anchor | ppl / anchor |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| RSS / anchor | ppl / anchor | s / 1 rank |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in result["cells"]:
         if "failed" in cell:
             lines.append(f"| {cell['method']} | {cell['side']} | failed: {cell['failed'].splitlines()[-1][:80]} |")
             continue
         ratios = cell.get("ratios", {})
         shown = [f"{ratios[key]:.3f}" if key in ratios else "" for key in RATIOS]
+        shown.append(f"{cell['seconds_vs_1_rank']:.3f}" if "seconds_vs_1_rank" in cell else "")
         cpu = f"{cell['cpu_seconds']:.0f}" if "cpu_seconds" in cell else ""
         lines.append(f"| {cell['method']} | {cell['side']} | {cell['prune_seconds']:.0f} | {cpu} | "
                      f"{cell['peak_rss_bytes'] / 2 ** 30:.2f} | {100 * cell['sparsity']:.4f} % | "
                      f"{cell['perplexity']:.2f} | {' | '.join(shown)} |")
-    for side, why in result["skipped"].items():
-        lines.append(f"\n{side}: not run: {why}")
     return "\n".join(lines) + "\n"
 
 
@@ -205,13 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_ids = eval_windows(args.model, args.texts / "eval.txt", args.sequence_length, args.eval_windows)
     result = {"name": args.name, "model": str(args.model), "windows": list(windows.shape), "threads": args.threads,
               "eval_windows": len(args.eval_ids), "note": args.note, "host": platform.node(), "cells": [],
-              "skipped": {}, "dense_perplexity": perplexity(load_model(args.model), args.eval_ids)}
+              "dense_perplexity": perplexity(load_model(args.model), args.eval_ids)}
     print(f"dense perplexity {result['dense_perplexity']:.2f} on {len(args.eval_ids)} windows", flush=True)
-    if "hpcprune" in args.sides:
-        result["skipped"]["hpcprune"] = hpcprune_side_available()
     for method in args.methods:
-        for side in [side for side in args.sides if side != "hpcprune"]:
-            if side == "anchor" and method not in ANCHOR_METHODS:
+        for side in args.sides:
+            if (side == "anchor" and method not in ANCHOR_METHODS) or (side in RANKS and method not in SETTINGS):
                 continue
             cell = run_side(side, method, args, args.work)
             print(f"  {method} {side}: " + (f"failed\n{cell['failed']}" if "failed" in cell else
