@@ -1,4 +1,5 @@
-"""The real CLI under real launchers, for the LLM benchmarks: command lines, environment, peak RSS per rank.
+"""The real CLI under real launchers, for the LLM benchmarks: command lines, environment, peak RSS per rank,
+and where the results go.
 
     python -m bench.launched --as-rank prune --config run.yaml     # one rank: the CLI, then its peak RSS
 
@@ -11,11 +12,13 @@ repository on PYTHONPATH, so the ranks import this worktree's hpcprune.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +76,15 @@ def idle_rank_rss() -> int:
     finished = subprocess.run(["mpirun", "-n", "1", sys.executable, "-c", code], capture_output=True, text=True,
                               check=True, cwd=ROOT, env={**os.environ, **LAUNCH_ENV})
     return int(finished.stdout.split()[-1]) * 1024
+
+
+def publish(result: dict, render: Callable[[dict], str], out: str) -> None:
+    """Print the result's table; unless `out` is "-", write OUT.json and OUT.md (bench/results/<name>)."""
+    table = render(result)
+    print(table)
+    if out != "-":
+        Path(out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(out + ".md").write_text(table + "\n")
 
 
 def as_rank(argv: list[str]) -> None:

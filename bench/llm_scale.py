@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bench.launched import ROOT, idle_rank_rss, launch, mpirun
+from bench.launched import ROOT, idle_rank_rss, launch, mpirun, publish
 from hpcprune.archive.atomic import replace_atomically
 from hpcprune.models.safetensors_stream import TensorSpec, write_streamed
 
@@ -267,12 +267,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "llm_scale"), help="results stem, or - to only print")
     args = parser.parse_args()
     args.load = os.getloadavg()[0]
-    result = measure(args)
-    table = render(result)
-    print(table)
-    if args.out != "-":
-        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out + ".md").write_text(table + "\n")
+    publish(measure(args), render, args.out)
 
 
 if __name__ == "__main__":
