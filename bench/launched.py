@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -29,6 +30,7 @@ LAUNCH_ENV = {
     "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
 }
 PEAK_TAG = "PEAK_RSS"
+PEAK_REPORT = re.compile(rf"{PEAK_TAG} (\d+) (\d+)\n")
 
 
 def mpirun(ranks: int, *args: str) -> list[str]:
@@ -61,9 +63,9 @@ def launch(command: list[str], what: str) -> Launched:
 
 
 def peak_rss(stderr: str) -> list[int]:
-    """Each rank's peak RSS in bytes, in rank order, from the PEAK_RSS lines of `as_rank`."""
-    peaks = sorted((int(rank), int(kib)) for rank, kib in
-                   (line.split()[1:3] for line in stderr.splitlines() if line.startswith(PEAK_TAG + " ")))
+    """Each rank's peak RSS in bytes, in rank order, from the PEAK_RSS reports of `as_rank`, found
+    anywhere in the text: a launcher that merges the ranks' streams may join two reports on one line."""
+    peaks = sorted((int(rank), int(kib)) for rank, kib in PEAK_REPORT.findall(stderr))
     return [kib * 1024 for _, kib in peaks]
 
 
@@ -97,7 +99,8 @@ def as_rank(argv: list[str]) -> None:
         main()
     finally:
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(f"{PEAK_TAG} {launcher_rank()} {kib}", file=sys.stderr, flush=True)
+        sys.stderr.flush()  # one write of the whole line, after what the run wrote, so no rank splits it
+        os.write(sys.stderr.fileno(), f"\n{PEAK_TAG} {launcher_rank()} {kib}\n".encode())
 
 
 if __name__ == "__main__":

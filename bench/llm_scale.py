@@ -178,6 +178,8 @@ def run(ranks: int, config: Path, archive: Path) -> dict:
     from hpcprune.archive.reader import open_archive
 
     launched = launch(mpirun(ranks, "prune", "--config", str(config), "--force", "-q"), f"mpirun -n {ranks}")
+    if len(launched.peak_rss_bytes) != ranks:
+        raise SystemExit(f"mpirun -n {ranks}: {len(launched.peak_rss_bytes)} peak RSS reports, not {ranks}")
     reader = open_archive(archive)
     seconds = [float(row["seconds"]) for row in reader.blocks(1)]
     attrs = reader.rounds()[-1]
@@ -202,6 +204,7 @@ def measure(args: argparse.Namespace) -> dict:
             archive = work / f"n{ranks}.h5"
             runs[ranks] = run(ranks, write_run_config(work / f"n{ranks}.yaml", folder, text, archive, args.samples,
                                                       args.sequence_length), archive)
+            (work / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")  # what is measured survives a failure
         identical = bool(diff(work / "n1.h5", work / "n2.h5")["identical"])
     finally:
         if not args.keep:
