@@ -15,7 +15,9 @@ reported: the time per block (the archive's /blocks table), the 1-rank / 2-rank 
 whether the two runs' masks are bit-identical (hpcprune.read.diff). An idle rank's RSS (the same
 imports, nothing run) is the floor under every figure: at small sizes it alone exceeds the target.
 
-The model folder goes under --dir and is removed at the end unless --keep.
+The model folder goes under --dir and is removed at the end unless --keep; --reuse prunes the one a
+--keep run left there. On a shared machine, --concurrent runs -n 2 and -n 1 side by side: each
+rank's memory and the masks are what they are alone, the times are no longer a ratio worth reading.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import shutil
 import statistics
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,6 +142,16 @@ def write_model(folder: Path, shape: Shape, shard_bytes: int, seed: int) -> dict
             "seconds_written": time.perf_counter() - started}
 
 
+def model_figures(folder: Path, shape: Shape) -> dict:
+    """What write_model returns, for a folder it wrote before (--reuse): from its index."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    specs = tensor_specs(llama_config(shape))
+    if {spec.name for spec in specs} != set(index["weight_map"]):
+        raise SystemExit(f"--reuse: {folder} holds another model than --params asks for")
+    return {"parameters": sum(math.prod(spec.shape) for spec in specs), "stored_bytes": index["metadata"]["total_size"],
+            "shards": len(set(index["weight_map"].values())), "seconds_written": None}
+
+
 def byte_tokenizer():
     """A byte-level BPE without merges (every byte one token, a BOS in front): any text tokenizes, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -183,28 +196,33 @@ def run(ranks: int, config: Path, archive: Path) -> dict:
     reader = open_archive(archive)
     seconds = [float(row["seconds"]) for row in reader.blocks(1)]
     attrs = reader.rounds()[-1]
-    return {"ranks": ranks, "wall_seconds": launched.wall_seconds, "peak_rss_bytes": launched.peak_rss_bytes,
+    figures = {"ranks": ranks, "wall_seconds": launched.wall_seconds, "peak_rss_bytes": launched.peak_rss_bytes,
             "block_seconds_median": statistics.median(seconds), "block_seconds_total": sum(seconds),
             "blocks": len(seconds), "achieved_sparsity": float(attrs["achieved_sparsity"])}
+    archive.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")  # kept should a later step fail
+    return figures
 
 
 def measure(args: argparse.Namespace) -> dict:
     from hpcprune.read.diff import diff
 
     shape = shape_for(args.params)
-    work = args.dir
+    work, folder = args.dir, args.dir / "model"
+    reused = args.reuse and (folder / "model.safetensors.index.json").is_file()
     if work.exists():
-        shutil.rmtree(work)
-    folder = work / "model"
+        for path in work.iterdir():
+            if path.is_dir() and not (reused and path == folder):
+                shutil.rmtree(path)
+            elif path.is_file():
+                path.unlink()
     try:
-        written = write_model(folder, shape, args.shard_gb * 1e9, args.seed)
+        written = model_figures(folder, shape) if reused else write_model(folder, shape, args.shard_gb * 1e9, args.seed)
         text = write_text(work / "calibration.txt", args.seed)
-        runs = {}
-        for ranks in (2, 1):  # 2 first: its page cache is then as cold or warm as 1's
-            archive = work / f"n{ranks}.h5"
-            runs[ranks] = run(ranks, write_run_config(work / f"n{ranks}.yaml", folder, text, archive, args.samples,
-                                                      args.sequence_length), archive)
-            (work / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")  # what is measured survives a failure
+        configs = {ranks: write_run_config(work / f"n{ranks}.yaml", folder, text, work / f"n{ranks}.h5", args.samples,
+                                           args.sequence_length) for ranks in (2, 1)}
+        with ThreadPoolExecutor(max_workers=2 if args.concurrent else 1) as pool:
+            futures = {ranks: pool.submit(run, ranks, config, work / f"n{ranks}.h5") for ranks, config in configs.items()}
+            runs = {ranks: future.result() for ranks, future in futures.items()}
         identical = bool(diff(work / "n1.h5", work / "n2.h5")["identical"])
     finally:
         if not args.keep:
@@ -220,7 +238,7 @@ def measure(args: argparse.Namespace) -> dict:
         "block_time_ratio_1_over_2": runs[1]["block_seconds_median"] / runs[2]["block_seconds_median"],
         "max_rss_over_float32": max(runs[2]["peak_rss_bytes"]) / float32_bytes,
         "meets_target": all(peak <= target for result in runs.values() for peak in result["peak_rss_bytes"]),
-        "cores": os.cpu_count(), "load_average_before": args.load, "python": platform.python_version(),
+        "concurrent": args.concurrent, "cores": os.cpu_count(), "load_average_before": args.load, "python": platform.python_version(),
         "torch": torch.__version__, "small_size": args.params < 3e9,
     }
 
@@ -248,10 +266,11 @@ def render(result: dict) -> str:
         lines.append(f"| {run_result['ranks']} | {run_result['wall_seconds']:.1f} | {run_result['block_seconds_median']:.2f} | "
                      f"{', '.join(f'{peak / GIB:.2f}' for peak in peaks)} | {max(peaks) / result['float32_bytes']:.3f} | "
                      f"{'yes' if max(peaks) <= result['target_rss_bytes'] else 'no'} |")
+    concurrent = " (the two runs ran at the same time: not a speedup)" if result["concurrent"] else ""
     lines += [
         "",
         f"- 1-rank / 2-rank time: {result['time_ratio_1_over_2']:.2f}x wall, "
-        f"{result['block_time_ratio_1_over_2']:.2f}x per block.",
+        f"{result['block_time_ratio_1_over_2']:.2f}x per block{concurrent}.",
         f"- Masks bit-identical for 1 and 2 ranks: {result['masks_identical']}.",
         f"- Every rank within the memory target: {result['meets_target']}.",
     ]
@@ -267,6 +286,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/hpcprune-llm-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the model folder")
+    parser.add_argument("--reuse", action="store_true", help="prune the model folder a --keep run left in --dir")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run -n 2 and -n 1 at the same time (memory and masks as alone; times not comparable)")
     parser.add_argument("--out", default=str(RESULTS / "llm_scale"), help="results stem, or - to only print")
     args = parser.parse_args()
     args.load = os.getloadavg()[0]
