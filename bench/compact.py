@@ -85,7 +85,7 @@ def structured_case(folder: Path, model: str, sparsity: float, args) -> dict:
                            f"prune.sparsity={sparsity}", f"output.path={archive}"]), SingleWorld())
     masked = export(archive, fmt="masked", out=folder / f"{label}.masked.safetensors")
     compact = export(archive, fmt="compact", out=folder / f"{label}.compact.safetensors")
-    dense_file = folder / f"{label}.states" / "dense.safetensors"
+    dense_file = folder / f"{label}.h5.states" / "dense.safetensors"
     models = {"dense": dense_model(masked.path, dense_file), "masked": load_exported(masked.path).model,
               "compact": load_exported(compact.path).model}
     inputs = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -141,7 +141,7 @@ def unstructured_case(folder: Path) -> dict:
     data = [] if fashion_mnist_present() else SYNTHETIC
     archive = folder / "lenet300-90.h5"
     run(load_config(None, [*COMMON, *data, *UNSTRUCTURED, f"output.path={archive}"]), SingleWorld())
-    dense_bytes = (folder / "lenet300-90.states" / "dense.safetensors").stat().st_size
+    dense_bytes = (folder / "lenet300-90.h5.states" / "dense.safetensors").stat().st_size
     reports = {fmt: export(archive, fmt=fmt, out=folder / f"lenet300-90.{fmt}.safetensors")
                for fmt in ("masked", "sparse", "int8")}
     return {

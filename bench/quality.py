@@ -75,7 +75,7 @@ def dense_model(model: str, work: Path, args) -> tuple[Path, float]:
     tree["prune"] = {"sparsity": 0.0}
     tree["output"] = {"path": str(work / f"{model}-dense.h5")}
     accuracy, _, _ = run_cell(tree, f"{model} dense")
-    return work / f"{model}-dense.states" / "dense.safetensors", accuracy
+    return work / f"{model}-dense.h5.states" / "dense.safetensors", accuracy
 
 
 def pruned_tree(model: str, work: Path, args, checkpoint: Path, criterion: str, sparsity: float, epochs: int) -> dict:

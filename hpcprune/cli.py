@@ -57,6 +57,7 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
     SIGUSR1 or SIGTERM stops the run at its next safe point, requeues a SLURM job and exits 75;
     SIGINT (Ctrl-C) stops it there too, without a requeue, and exits 130 (twice: at once).
     """
+    from hpcprune.archive.atomic import refuse_own_input
     from hpcprune.config import load_config
     from hpcprune.dist import signals
     from hpcprune.dist.detect import detect_world
@@ -67,6 +68,8 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
         raise UsageError("--resume and --force contradict each other: pick one")
     all_overrides = [*overrides, *_out_override(out)]
     config = load_config(config_path, all_overrides)
+    refuse_own_input(config.output.path, files=[path for path in (config_path, config.model.checkpoint) if path],
+                     option="output.path")
     world = detect_world()
     setup_logging(world.rank, quiet)
     with ends_every_rank_on_failure(world), signals.exits_when_preempted(world):
@@ -227,7 +230,7 @@ def inspect_diff(first: str, second: str, round_index: int | None, as_json: bool
 
 @inspect.command("plot")
 @ARCHIVE
-@click.option("--out", help="Folder for the PNG files (default: <archive stem>-plots beside the archive).")
+@click.option("--out", help="Folder for the PNG files (default: <archive>-plots beside the archive).")
 @FORCE
 def inspect_plot(archive: str, out: str | None, force: bool) -> None:
     """PNG figures: per-layer sparsity, accuracy/loss against sparsity, fine-tuning, score histograms."""
@@ -235,7 +238,7 @@ def inspect_plot(archive: str, out: str | None, force: bool) -> None:
 
     from hpcprune.read.plots import write_plots
 
-    written = write_plots(archive, out or Path(archive).with_name(f"{Path(archive).stem}-plots"), force=force)
+    written = write_plots(archive, out or Path(archive).with_name(f"{Path(archive).name}-plots"), force=force)
     click.echo("\n".join([*(f"wrote {file}" for file in written["files"]),
                           *(f"left out {name}: {reason}" for name, reason in written["skipped"].items())]))
 
@@ -255,7 +258,7 @@ def inspect_masks(archive: str, round_index: int | None, out: str, force: bool) 
 
 @cli.command()
 @ARCHIVE
-@click.option("--out", help="HTML file to write (default: <archive stem>.html beside the archive).")
+@click.option("--out", help="HTML file to write (default: <archive>.html beside the archive).")
 @FORCE
 def report(archive: str, out: str | None, force: bool) -> None:
     """One self-contained HTML page with the summary and the figures (opens in any browser)."""
@@ -263,7 +266,7 @@ def report(archive: str, out: str | None, force: bool) -> None:
 
     from hpcprune.read.report import write_report
 
-    written = write_report(archive, out or Path(archive).with_suffix(".html"), force=force)
+    written = write_report(archive, out or Path(archive).with_name(f"{Path(archive).name}.html"), force=force)
     click.echo("\n".join([f"wrote {written['out']}",
                           *(f"left out {name}: {reason}" for name, reason in written["skipped"].items())]))
 

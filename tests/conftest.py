@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests import llm_folders
+from tests.finished_run import finished_run, workspace  # noqa: F401  (a finished run, copied for each test)
+from tests.mounts import mounted  # noqa: F401  (tmpfs mounts with limits)
 from tests.slurm_fixtures import local_slurm  # noqa: F401  (session fixture: the local SLURM)
 from tests.tiny_llm import tiny_folders  # noqa: F401  (session fixture: tiny Hugging Face folders)
 

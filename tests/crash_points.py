@@ -12,6 +12,11 @@ that the run's own error handling must carry to every rank. HPCPRUNE_TEST_HANG=a
 the rank sleep 20 s there (a rank that hangs), HPCPRUNE_TEST_MISMATCH=broadcast:1 makes it run an
 allreduce of its own first (ranks whose collectives differ).
 
+    HPCPRUNE_TEST_HOLD=event:1 HPCPRUNE_TEST_HOLD_UNTIL=FILE python -m tests.crash_points prune ...
+
+holds the run at that point (a run that is slow there) until FILE exists, and says that it is there by
+writing FILE.held: what a second writer of the same archive meets while the first one is at work.
+
 Nothing here is reachable from `hpcprune` itself: the points are installed by wrapping functions of
 the real modules when this driver starts, and only when the environment asks for them. The kill is
 a real SIGKILL of the process (no exception, no cleanup, no atexit), as an OOM killer or a
@@ -35,7 +40,7 @@ import numpy as np
 
 # name -> (module, attribute, when): the step is killed just "before" or just "after" the call.
 POINTS = {
-    "create": ("hpcprune.archive.writer", "_write_header", "after"),  # new archive written, not yet renamed into place
+    "create": ("hpcprune.archive.layout", "write_header", "after"),  # new archive written, not yet renamed into place
     "event": ("hpcprune.archive.writer:Archive", "record_event", "before"),
     "save_state": ("hpcprune.models.builders", "save_file", "after"),  # state file written to its temporary name
     "score": ("hpcprune.prune.scoring", "score_tensor", "before"),
@@ -43,8 +48,8 @@ POINTS = {
     "send": ("world", "send_bytes", "before"),  # one tensor's mask on its way to rank 0 or a peer
     "broadcast": ("world", "broadcast_bytes", "before"),
     "batch": ("hpcprune.train.finetune", "one_epoch", "batch"),  # one training batch (dense or fine-tuning)
-    "write_mask": ("hpcprune.archive.writer", "_write_mask", "after"),  # a round half written
-    "commit": ("hpcprune.archive.writer", "_commit", "before"),  # data written, round not yet marked complete
+    "write_mask": ("hpcprune.archive.mask_parts", "_write_mask", "after"),  # a round's part file half written
+    "commit": ("hpcprune.archive.layout", "commit", "before"),  # data written, round not yet marked complete
     "mark_checkpoint": ("hpcprune.archive.writer:Archive", "mark_checkpoint", "before"),  # round complete, checkpoint not moved
     "block_forward": ("hpcprune.models.block_calls", "call_block", "before"),  # a window through a block (sequential)
     "record_block": ("hpcprune.archive.blocks:BlockRecords", "record_block", "after"),  # a block's masks just recorded
@@ -55,6 +60,7 @@ POINTS = {
 }
 
 counts: Counter[str] = Counter()
+HOLD_LIMIT_S = 300  # a held run goes on by itself after this long (a test that died must not leave it waiting)
 
 
 def rank() -> int:
@@ -73,8 +79,19 @@ def _target(variable: str) -> tuple[str, int, str] | None:
     return point, int(nth or 1), exception
 
 
+def _hold(point: str) -> None:
+    spec, until = os.environ.get("HPCPRUNE_TEST_HOLD"), os.environ.get("HPCPRUNE_TEST_HOLD_UNTIL")
+    if spec and until and f"{point}:{counts[point]}" == spec:
+        with open(f"{until}.held", "w") as held:
+            held.write(f"{point} in pid {os.getpid()}")
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while not os.path.exists(until) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def reached(point: str, world=None) -> None:
     counts[point] += 1
+    _hold(point)
     hang = _target("HPCPRUNE_TEST_HANG")
     if hang is not None and hang[:2] == (point, counts[point]):
         time.sleep(float(hang[2] or 30))

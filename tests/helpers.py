@@ -70,6 +70,36 @@ def updated_weights(path: Path) -> dict[str, bytes]:
             for name, tensor in load_file(row["weights_file"]).items()}
 
 
+def flip_mask_byte(path: Path, round_index: int, tensor: str) -> None:
+    """Damage one byte inside the stored chunk of a mask, in whichever file holds it (a part file)."""
+    with h5py.File(path, "r") as archive:
+        dataset = archive[f"rounds/{round_index:04d}/masks/{tensor}"]
+        holder, chunk = dataset.file.filename, dataset.id.get_chunk_info(0)
+    with open(holder, "r+b") as raw:
+        raw.seek(chunk.byte_offset + chunk.size // 2)
+        byte = raw.read(1)
+        raw.seek(-1, os.SEEK_CUR)
+        raw.write(bytes([byte[0] ^ 0xFF]))
+
+
+def damage(path: Path, how: str, round_index: int, tensor: str = "fc1.weight") -> None:
+    """Break an archive's structure as a hand or a bad copy would: delete round `round_index` ("round"),
+    its mask of `tensor` ("mask") or the part file holding it ("part"), transpose that mask's shape
+    attribute ("shape"), or make /checkpoint continue after round `round_index` ("checkpoint")."""
+    with h5py.File(path, "a") as archive:
+        if how == "round":
+            del archive[f"rounds/{round_index:04d}"]
+        elif how == "checkpoint":
+            archive["checkpoint"].attrs["round"] = round_index
+        elif how == "part":
+            (Path(path).parent / archive[f"rounds/{round_index:04d}/masks"].get(tensor, getlink=True).filename).unlink()
+        elif how == "mask":
+            del archive[f"rounds/{round_index:04d}/masks/{tensor}"]
+        elif how == "shape":
+            mask = archive[f"rounds/{round_index:04d}/masks/{tensor}"]
+            mask.attrs["shape"] = mask.attrs["shape"][::-1]
+
+
 def complete_rounds(path: Path) -> list[int]:
     with h5py.File(path, "r") as archive:
         rounds = archive.get("rounds", {})

@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from hpcprune.archive.reader import open_archive
 from hpcprune.cli import main
 from tests.helpers import CONFIGS, run_cli
 
@@ -38,12 +39,13 @@ def round_attrs(path: Path, round_index: int) -> dict:
 
 
 def copy_run(path: Path, folder: Path) -> Path:
-    """The archive and its states folder copied into `folder` (relative state paths keep working)."""
+    """The archive and its side folders (states, masks) copied into `folder` (relative paths keep working)."""
     folder.mkdir(parents=True, exist_ok=True)
+    side = open_archive(path).side
     shutil.copy(path, folder / path.name)
-    states = path.with_name(f"{path.stem}.states")
-    if states.exists():
-        shutil.copytree(states, folder / states.name)
+    for kept in (side.states, side.masks):
+        if kept.exists():
+            shutil.copytree(kept, folder / kept.name)
     return folder / path.name
 
 

@@ -15,6 +15,7 @@ from hpcprune.archive.reader import FORMAT_VERSION, open_archive
 from hpcprune.archive.writer import Archive, escape_name, state_path
 from hpcprune.config import RunConfig
 from hpcprune.errors import UsageError
+from tests.helpers import flip_mask_byte
 
 SHAPES = {"fc1.weight": (301, 7), "conv.0.weight": (5, 3, 3, 3), "block/odd.weight": (13,), "empty.weight": (0, 4),
           "fc1.bias": (301,)}
@@ -37,7 +38,7 @@ def round_attrs(index: int, masks) -> dict:
     total = sum(mask.numel() for mask in masks.values())
     return dict(criterion="magnitude", rule="global", target_sparsity=0.7, achieved_sparsity=1 - kept / total,
                 threshold=0.01 * index, kept=kept, total=total, accuracy=0.8, loss=0.5, seconds_record=1.0,
-                seconds_select=0.5, seconds_finetune=2.0, state_file=f"run.states/round-{index:04d}.safetensors")
+                seconds_select=0.5, seconds_finetune=2.0, state_file=f"run.h5.states/round-{index:04d}.safetensors")
 
 
 def write_round(archive: Archive, index: int, masks) -> None:
@@ -60,11 +61,11 @@ def run(tmp_path):
     """An archive with a dense record and two complete rounds."""
     path = tmp_path / "out" / "run.h5"
     archive = create(path)
-    archive.write_dense(accuracy=0.9, loss=0.3, seconds=4.0, history=[], state_file="run.states/dense.safetensors")
+    archive.write_dense(accuracy=0.9, loss=0.3, seconds=4.0, history=[], state_file="run.h5.states/dense.safetensors")
     masks = {index: random_masks(index) for index in (1, 2)}
     for index, round_masks in masks.items():
         write_round(archive, index, round_masks)
-        archive.mark_checkpoint(index, f"run.states/round-{index:04d}.safetensors")
+        archive.mark_checkpoint(index, f"run.h5.states/round-{index:04d}.safetensors")
     return path, masks
 
 
@@ -91,12 +92,12 @@ def test_round_trip_gives_identical_masks_and_figures(run):
 
 def test_state_paths_are_stored_relative_and_read_absolute(run):
     path, _ = run
-    assert state_path(path, "dense") == path.parent / "run.states" / "dense.safetensors"
+    assert state_path(path, "dense") == path.parent / "run.h5.states" / "dense.safetensors"
     with h5py.File(path, "r") as file:
-        assert file["checkpoint"].attrs["state_file"] == "run.states/round-0002.safetensors"
+        assert file["checkpoint"].attrs["state_file"] == "run.h5.states/round-0002.safetensors"
     reader = open_archive(path)
     assert reader.checkpoint["round"] == 2
-    assert reader.checkpoint["state_file"] == str((path.parent / "run.states/round-0002.safetensors").absolute())
+    assert reader.checkpoint["state_file"] == str((path.parent / "run.h5.states/round-0002.safetensors").absolute())
     assert reader.dense["state_file"] == str(state_path(path, "dense").absolute())
 
 
@@ -105,7 +106,7 @@ def test_absolute_state_paths_become_relative(tmp_path):
     archive = create(path)
     archive.mark_checkpoint(0, str(state_path(path, "dense").absolute()))
     with h5py.File(path, "r") as file:
-        assert file["checkpoint"].attrs["state_file"] == "run.states/dense.safetensors"
+        assert file["checkpoint"].attrs["state_file"] == "run.h5.states/dense.safetensors"
 
 
 def test_masks_are_chunked_compressed_checksummed_and_plain_h5py_readable(run):
@@ -131,10 +132,15 @@ def test_existing_file_is_refused_without_force_and_untouched(run):
     assert path.read_bytes() == before
 
 
-def test_force_replaces_and_leaves_no_temporary(run):
+def test_force_keeps_the_old_archive_until_the_new_run_records_its_first_step(run):
     path, _ = run
-    create(path, force=True)
-    assert open_archive(path).rounds() == [] and open_archive(path).dense is None
+    before = path.read_bytes()
+    archive = create(path, force=True)
+    assert path.read_bytes() == before and len(open_archive(path).rounds()) == 2  # still the old run
+    archive.write_dense(accuracy=0.5, loss=1.0, seconds=1.0, history=[], state_file=None)
+    assert open_archive(path).rounds() == [] and open_archive(path).dense["accuracy"] == 0.5
+    archive.close()
+    # The old run's masks folder went with it; no temporary, no lock file is left.
     assert sorted(p.name for p in path.parent.iterdir()) == ["run.h5"]
 
 
@@ -142,14 +148,14 @@ def test_failed_forced_create_keeps_the_old_archive(run, monkeypatch):
     path, _ = run
     before = path.read_bytes()
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise RuntimeError("interrupted while writing")
 
-    monkeypatch.setattr("hpcprune.archive.writer._write_header", fail)
+    monkeypatch.setattr("hpcprune.archive.layout.write_header", fail)
     with pytest.raises(RuntimeError):
         create(path, force=True)
     assert path.read_bytes() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == ["run.h5"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["run.h5", "run.h5.masks"]
 
 
 def test_create_refuses_a_folder_it_cannot_make(tmp_path):
@@ -205,7 +211,7 @@ def test_newer_format_is_refused(run):
     path, _ = run
     with h5py.File(path, "a") as file:
         file.attrs["format_version"] = FORMAT_VERSION + 1
-    with pytest.raises(UsageError, match=f"newer hpcprune \\(format {FORMAT_VERSION + 1}, this reads 1\\)"):
+    with pytest.raises(UsageError, match=f"newer hpcprune \\(format {FORMAT_VERSION + 1}, this reads 1 to {FORMAT_VERSION}\\)"):
         open_archive(path)
 
 
@@ -233,13 +239,7 @@ def test_a_flipped_byte_in_a_mask_fails_its_checksum(tmp_path):
     path = tmp_path / "run.h5"
     archive = create(path, shapes=BIG)
     write_round(archive, 1, random_masks(1, BIG))
-    with h5py.File(path, "r") as file:
-        chunk = file["rounds/0001/masks/big.weight"].id.get_chunk_info(0)
-    with open(path, "r+b") as raw:
-        raw.seek(chunk.byte_offset + chunk.size // 2)
-        byte = raw.read(1)
-        raw.seek(-1, 1)
-        raw.write(bytes([byte[0] ^ 0xFF]))
+    flip_mask_byte(path, 1, "big.weight")
     reader = open_archive(path)  # metadata is intact: only the mask is damaged
     with pytest.raises(UsageError, match="round 1, mask big.weight is corrupted"):
         reader.read_masks(1)

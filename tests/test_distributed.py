@@ -154,7 +154,7 @@ def test_mpirun_cli_end_to_end_with_ddp(mpirun, mpi4py, tmp_path):
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_checkpoint_mode_reads_only_own_tensors_and_gives_the_same_masks(mpirun, mpi4py, single_process_masks, tmp_path, ranks):
     """Masks-only from a safetensors file (each rank reads its own tensors) equal the module run's."""
-    weights = single_process_masks / "magnitude-global.states" / "dense.safetensors"
+    weights = single_process_masks / "magnitude-global.h5.states" / "dense.safetensors"
     out = tmp_path / "masks.h5"
     cli = [sys.executable, "-m", "hpcprune", "prune", "--config", str(CONFIGS / "oneshot_global.yaml"), "--out", str(out),
            "--set", "model.name=checkpoint", "--set", f"model.checkpoint={weights}"]

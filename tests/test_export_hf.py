@@ -202,7 +202,7 @@ def test_force_replaces_an_earlier_export_and_removes_its_stale_weights(llm_fold
     save_file({"stale": torch.zeros(2)}, str(out / "model.safetensors"))  # transformers would load this first
     with pytest.raises(UsageError, match="--force"):
         export(archive, fmt="hf", out=out)
-    with pytest.raises(UsageError, match="is the run's model folder"):
+    with pytest.raises(UsageError, match="which this command reads"):
         export(archive, fmt="hf", out=folder, force=True)
     export(archive, fmt="hf", out=out, force=True)
     assert not (out / "model.safetensors").exists() and (out / "model-00001-of-00001.safetensors").is_file()

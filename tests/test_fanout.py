@@ -145,7 +145,7 @@ def test_inline_fanout_gives_the_single_process_masks_for_every_rule(references,
     for name in CASES:
         mine = single_process_run(tmp_path, name, "fanout.backend=inline", "fanout.shards=3")
         assert_same_masks(mine, references / f"{name}.h5")
-        assert not (tmp_path / f"{name}.fanout").exists(), "a collected round leaves no files behind"
+        assert not (tmp_path / f"{name}.h5.fanout").exists(), "a collected round leaves no files behind"
     # More shards than the tied model has tensors: the shards without one still take part in every sum.
     mine = single_process_run(tmp_path / "many", "tied-global", "fanout.backend=inline", "fanout.shards=7")
     assert_same_masks(mine, references / "tied-global.h5")
@@ -252,7 +252,7 @@ def test_slurm_array_masks_equal_the_mpi_and_single_process_masks(slurm, mpirun_
     for name in names:
         assert_same_masks(tmp_path / f"{name}.h5", mpirun_masks / f"{name}.h5")
         assert_same_masks(tmp_path / f"{name}.h5", references / f"{name}.h5")
-        logs = list((tmp_path / f"{name}.fanout" / "logs").iterdir())
+        logs = list((tmp_path / f"{name}.h5.fanout" / "logs").iterdir())
         assert any("_" in log.name for log in logs), "the tasks ran as array jobs"
 
 
@@ -292,7 +292,7 @@ def test_submit_scores_on_a_job_array_then_its_ranks_fine_tune_together(slurm, r
     with h5py.File(archive, "r") as stored:
         assert int(stored.attrs["world_size"]) == 2, "the submitted job's two tasks are the ranks"
         assert len(stored["rounds/0001/history"]) == 1, "they fine-tuned the masked model for the one epoch"
-    assert any("_" in log.name for log in (tmp_path / "submitted.fanout" / "logs").iterdir()), "scored as an array"
+    assert any("_" in log.name for log in (tmp_path / "submitted.h5.fanout" / "logs").iterdir()), "scored as an array"
 
 
 # --- dask -----------------------------------------------------------------------------------------------
@@ -338,4 +338,4 @@ def test_dask_jobqueue_slurm_workers_give_the_same_masks(dask_distributed, local
     fanned_out_runs(tmp_path, ["global"], "fanout.backend=dask", "fanout.dask.cluster=slurm", "fanout.slurm.mem_gb=1",
                     "fanout.dask.workers=2", "fanout.shards=2")
     assert_same_masks(tmp_path / "global.h5", references / "global.h5")
-    assert list((tmp_path / "global.fanout" / "logs").glob("hpcprune-dask-*.err")), "the workers ran as SLURM jobs"
+    assert list((tmp_path / "global.h5.fanout" / "logs").glob("hpcprune-dask-*.err")), "the workers ran as SLURM jobs"

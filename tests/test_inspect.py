@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hpcprune.archive.codec import pack_mask
+from hpcprune.archive.reader import FORMAT_VERSION
 from hpcprune.archive.writer import Archive
 from hpcprune.config import RunConfig
 from hpcprune.read.summary import render_summary, summary
@@ -126,7 +127,7 @@ def test_layers_recomputes_the_scores_the_round_selected_on(smoke, cli, inspect_
     threshold = float(round_attrs(smoke, 2)["threshold"])
     assert facts["threshold"] == threshold
     before, after = mask_bits(smoke, 1), mask_bits(smoke, 2)
-    state = smoke.with_name("run.states") / "round-0001.safetensors"  # round 2 scores the weights round 1 left
+    state = smoke.with_name("run.h5.states") / "round-0001.safetensors"  # round 2 scores the weights round 1 left
     assert facts["scores"]["source"] == str(state)
     with safe_open(state, "pt") as weights:
         for row in facts["layers"]:
@@ -146,7 +147,7 @@ def test_layers_recomputes_the_scores_the_round_selected_on(smoke, cli, inspect_
 
 def test_layers_says_when_the_state_file_no_longer_matches(smoke, tmp_path, cli, inspect_json):
     changed = copy_run(smoke, tmp_path / "changed")
-    state = changed.with_name("run.states") / "round-0001.safetensors"
+    state = changed.with_name("run.h5.states") / "round-0001.safetensors"
     tensors = load_file(state)
     tensors["fc1.weight"] = tensors["fc1.weight"].flip(0)  # same values, other places
     from safetensors.torch import save_file
@@ -157,7 +158,7 @@ def test_layers_says_when_the_state_file_no_longer_matches(smoke, tmp_path, cli,
     assert "do NOT select the recorded masks" in text_of(cli, "inspect", "layers", str(changed), "--round", "2")
 
     gone = copy_run(smoke, tmp_path / "gone")
-    for state in gone.with_name("run.states").iterdir():
+    for state in gone.with_name("run.h5.states").iterdir():
         state.unlink()
     facts = inspect_json("layers", str(gone))
     assert "not beside the archive" in facts["scores"]["unavailable"]
@@ -348,7 +349,7 @@ def test_summary_has_the_recorded_figures(tmp_path):
     facts = summary(path)
     json.dumps(facts, allow_nan=False)  # strict JSON: no NaN
     assert facts["model"] == "lenet300" and facts["num_params"] == 600 + 300 + 30
-    assert facts["world_size"] == 2 and facts["backend"] == "mpi" and facts["format_version"] == 1
+    assert facts["world_size"] == 2 and facts["backend"] == "mpi" and facts["format_version"] == FORMAT_VERSION
     assert facts["dense"] == {"accuracy": 0.91, "loss": 0.25, "seconds": 3.0}
     assert [r["index"] for r in facts["rounds"]] == [1, 2]
     assert facts["rounds"][0]["threshold"] is None and facts["rounds"][1]["threshold"] == 0.125

@@ -9,7 +9,6 @@ config, a missing data folder, an unknown model name and a missing checkpoint.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import subprocess
@@ -24,52 +23,16 @@ import torch
 from hpcprune.archive.reader import FORMAT_VERSION
 from hpcprune.config import ModelConfig
 from hpcprune.models.builders import build_model, save_checkpoint
-from tests.conftest import missing
+from tests.finished_run import refused, snapshot
 from tests.helpers import (
     CONFIGS,
     ROOT,
     archive_masks,
     assert_same_masks,
+    flip_mask_byte,
     launch,
-    run_cli,
 )
-
-SMOKE = CONFIGS / "smoke.yaml"
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A folder with a finished 3-round run: run.h5, run.states/, and a copy of its config."""
-    folder = tmp_path_factory.mktemp("finished")
-    shutil.copy(SMOKE, folder / "smoke.yaml")
-    done = run_cli("prune", "--config", str(folder / "smoke.yaml"), "--out", str(folder / "run.h5"), "-q")
-    assert done.returncode == 0, done.stderr
-    return folder
-
-
-@pytest.fixture
-def workspace(finished_run, tmp_path) -> Path:
-    folder = tmp_path / "work"
-    shutil.copytree(finished_run, folder)
-    return folder
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` with the SHA-256 of its bytes."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def refused(folder: Path, *args: str, fragment: str, env: dict | None = None) -> str:
-    """Run `hpcprune ARGS` in `folder`: exit 2, one `hpcprune: error:` line naming `fragment`, no file changed."""
-    before = snapshot(folder)
-    result = run_cli(*args, env=env)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("hpcprune: error:"), result.stderr
-    assert fragment in lines[0], lines[0]
-    assert snapshot(folder) == before
-    return lines[0]
+from tests.mounts import fill
 
 
 def prune_into(folder: Path, *args: str) -> tuple[str, ...]:
@@ -188,16 +151,6 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def flip_mask_byte(path: Path, round_index: int, tensor: str) -> None:
-    with h5py.File(path, "r") as file:
-        chunk = file[f"rounds/{round_index:04d}/masks/{tensor}"].id.get_chunk_info(0)
-    with open(path, "r+b") as raw:
-        raw.seek(chunk.byte_offset + chunk.size // 2)
-        byte = raw.read(1)
-        raw.seek(-1, os.SEEK_CUR)
-        raw.write(bytes([byte[0] ^ 0xFF]))
-
-
 @pytest.mark.parametrize("command", ["resume", "inspect"])
 def test_truncated_archive_is_refused(workspace, command):
     truncate(workspace / "run.h5")
@@ -219,7 +172,7 @@ def test_resume_from_a_mask_that_fails_its_checksum_is_refused_before_anything_i
 
 
 def test_resume_without_the_state_files_it_needs_is_refused_before_anything_is_written(workspace):
-    (workspace / "run.states" / "round-0003.safetensors").unlink()
+    (workspace / "run.h5.states" / "round-0003.safetensors").unlink()
     refused(workspace, *resume(workspace), fragment="round-0003.safetensors")
 
 
@@ -232,7 +185,7 @@ def test_archive_of_a_newer_format_is_refused(workspace, command):
 
 
 def test_output_that_is_a_folder_is_refused(workspace):
-    refused(workspace, "prune", "--config", str(workspace / "smoke.yaml"), "--out", str(workspace / "run.states"),
+    refused(workspace, "prune", "--config", str(workspace / "smoke.yaml"), "--out", str(workspace / "run.h5.states"),
             fragment="is a directory")
 
 
@@ -244,40 +197,11 @@ def test_output_under_a_file_is_refused(workspace):
     refused(workspace, "prune", "--config", str(workspace / "smoke.yaml"), "--out", str(out), fragment=str(out))
 
 
-@pytest.fixture
-def mounted(tmp_path):
-    """A fresh mount point (tmpfs): mount options set its limits; unmounted at the end."""
-    points = []
-
-    def mount(options: str) -> Path:
-        point = tmp_path / f"mount{len(points)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
-        if done.returncode != 0:
-            missing("mounting a tmpfs", f"needs root with CAP_SYS_ADMIN: {done.stderr.strip()}")
-        points.append(point)
-        return point
-
-    yield mount
-    for point in reversed(points):
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def test_read_only_output_folder_is_refused(workspace, mounted):
     folder = mounted("size=1m,ro")
     out = folder / "run.h5"
     refused(workspace, "prune", "--config", str(workspace / "smoke.yaml"), "--out", str(out), fragment=str(out))
     assert list(folder.iterdir()) == []
-
-
-def fill(folder: Path, leave: int) -> None:
-    """Fill the file system of `folder` until at most `leave` bytes are free."""
-    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
-    with open(folder / "filler", "wb") as filler:
-        filler.write(b"\0" * max(0, free - leave))
-    while os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize > leave:
-        with open(folder / "filler", "ab") as filler:
-            filler.write(b"\0" * 4096)
 
 
 def masks_only_args(weights: Path) -> list[str]:
@@ -299,11 +223,11 @@ def test_disk_full_during_an_archive_write_keeps_the_previous_archive(workspace,
     is refused with the archive named, and round 1 is still there, readable, bit for bit."""
     folder = mounted("size=1m")
     out = folder / "masks.h5"
-    killed = masks_only(out, workspace / "run.states" / "dense.safetensors", kill="mark_checkpoint:1")
+    killed = masks_only(out, workspace / "run.h5.states" / "dense.safetensors", kill="mark_checkpoint:1")
     assert killed.returncode == -9, killed.stderr
     before = archive_masks(out, 1)
     fill(folder, leave=out.stat().st_size // 2)
-    refusal = masks_only(out, workspace / "run.states" / "dense.safetensors", how)
+    refusal = masks_only(out, workspace / "run.h5.states" / "dense.safetensors", how)
     lines = refusal.stderr.strip().splitlines()
     assert refusal.returncode == 2 and len(lines) == 1, refusal.stderr
     assert lines[0].startswith("hpcprune: error: cannot write ") and "No space left on device" in lines[0]
@@ -312,7 +236,9 @@ def test_disk_full_during_an_archive_write_keeps_the_previous_archive(workspace,
     assert after.keys() == before.keys() and all((after[name] == before[name]).all() for name in after)
     with h5py.File(out, "r") as archive:
         assert archive["rounds/0001"].attrs["status"] == "complete" and "0002" not in archive["rounds"]
-    assert sorted(path.name for path in folder.iterdir()) == ["filler", "masks.h5"]  # no temporary left behind
+    # No temporary left behind, and no part of round 2: its masks folder holds round 1's part alone.
+    assert sorted(path.name for path in folder.iterdir()) == ["filler", "masks.h5", "masks.h5.masks"]
+    assert [path.name for path in (folder / "masks.h5.masks").iterdir()] == ["round-0001.part-0000.h5"]
 
 
 # --- resuming on another world size ------------------------------------------------------------
@@ -332,7 +258,7 @@ def test_resume_of_a_training_run_on_another_world_size_is_refused(mpirun, works
 
 def test_resume_of_a_run_without_training_on_another_world_size_gives_the_same_masks(mpirun, workspace, tmp_path):
     """Masks do not depend on the world size: a masks-only run killed in round 2 at 1 rank resumes on 2."""
-    weights = workspace / "run.states" / "dense.safetensors"
+    weights = workspace / "run.h5.states" / "dense.safetensors"
     reference, out = tmp_path / "reference.h5", tmp_path / "resumed.h5"
     assert masks_only(reference, weights).returncode == 0
     assert masks_only(out, weights, kill="mark_checkpoint:1").returncode == -9

@@ -115,7 +115,7 @@ def test_rewinding_restores_the_recorded_weights_under_the_mask(tmp_path, epoch)
         "pretrain.epochs=2", f"schedule.rewind_epoch={epoch}", "schedule.kind=oneshot", "schedule.rounds=1",
         "finetune.epochs=0", f"output.path={out}", "progress=false"])
     run(config, SingleWorld(), force=True)
-    states = tmp_path / "rewind.states"
+    states = tmp_path / "rewind.h5.states"
     recorded, dense = load_state_file(states / "rewind.safetensors"), load_state_file(states / "dense.safetensors")
     final = load_state_file(states / "round-0001.safetensors")
     if epoch == 0:  # the initialisation: what the seeded builder makes

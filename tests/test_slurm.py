@@ -113,7 +113,7 @@ def test_hpcprune_submit_wait_completes_a_run_on_slurm(single_process, submitit,
     job = done.stdout.split()[1]
     assert f"job {job} submitted" in done.stdout and f"archive {archive}" in done.stdout
     assert wait_until_finished(job)["JobState"] == "COMPLETED"  # submitit has the result before SLURM ends the job
-    assert (tmp_path / "submitted.logs" / job / f"{job}_0_log.out").exists(), "logs where the command said"
+    assert (tmp_path / "submitted.h5.logs" / job / f"{job}_0_log.out").exists(), "logs where the command said"
     assert world_size(archive) == 2, "each submitit task is a rank"
     assert [kind for kind, _ in events(archive)] == ["start", "finish"]
     assert_same_masks(archive, single_process, rounds=(1,))

@@ -34,4 +34,4 @@ def test_mistakes_are_refused_before_submitting(tmp_path, flags, message):
     done = run_cli("submit", "--config", ONESHOT, "--out", str(archive), "--cluster", "local", *flags)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert archive.read_bytes() == b"an earlier run"
-    assert not (tmp_path / "run.logs").exists(), "nothing was submitted"
+    assert not (tmp_path / "run.h5.logs").exists(), "nothing was submitted"

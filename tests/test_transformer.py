@@ -73,7 +73,7 @@ def test_tiny_bert_prunes_end_to_end_and_lists_attention_and_mlp_weights(tiny_be
     assert not params["embeddings.word_embeddings.weight"] and not params["encoder.layer.0.output.LayerNorm.weight"]
     masks = archive_masks(out, 1)
     assert set(block_weights()) <= set(masks)
-    final = load_state_file(tmp_path / f"{criterion}.states" / "round-0001.safetensors")
+    final = load_state_file(tmp_path / f"{criterion}.h5.states" / "round-0001.safetensors")
     for name in block_weights():
         weight = final[name]
         keep = torch.from_numpy(np.unpackbits(masks[name], count=weight.numel()).astype(bool)).view(weight.shape)

@@ -11,7 +11,9 @@ is created by `mkstemp` (a unique name, so concurrent writers never share one) a
 mode the umask gives a new file, since mkstemp's 0600 would otherwise stay on the result.
 
 A write that fails for a reason of the filesystem (full, read-only, a quota, a path through a
-file) is refused with one `UsageError` naming the file; the temporary is removed either way.
+file) is refused with one `UsageError` naming the file; the temporary is removed either way. And no
+command writes over one of its own inputs (`refuse_own_input`): an export, a masks file, a report or
+plots aimed at the archive they read, or into its side folders, are refused before any work.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -109,6 +111,29 @@ def _shortened(name: str) -> str:
     return repr(name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}")
 
 
+def refuse_own_input(out: str | os.PathLike, *, files: Iterable[str | os.PathLike] = (),
+                     folders: Iterable[str | os.PathLike] = (), option: str = "--out") -> None:
+    """Refuse an output that is one of the command's input `files`, or is or lies inside one of its
+    input `folders` (an archive's side folders, a model folder). Paths are compared resolved (links, "..", another
+    spelling of the same path) and, for files that exist, with os.path.samefile (hard links)."""
+    out = Path(out)
+    target = out.resolve()
+    for source in map(Path, files):
+        if target == source.resolve() or _same_existing(out, source):
+            raise UsageError(f"{option} {out}: is {source}, which this command reads; write the output elsewhere")
+    for folder in map(Path, folders):
+        inside = folder.resolve()
+        if target == inside or inside in target.parents:
+            raise UsageError(f"{option} {out}: lies in {folder}, which this command reads; write the output elsewhere")
+
+
+def _same_existing(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # either does not exist (yet): only the resolved paths can tell
+        return False
+
+
 def fsync_file(path: Path) -> None:
     """The file's data on disk (a read-only descriptor is enough for fsync)."""
     with open(path, "rb") as written:
@@ -138,8 +163,8 @@ def discard(path: Path) -> None:
         path.unlink()
 
 
-def write_error(path: Path, error: OSError) -> UsageError:
+def write_error(path: Path, error: OSError | RuntimeError) -> UsageError:
     """A full disk, a quota, a read-only folder: one line with the file and the system's reason."""
     found = re.search(r"errno = (\d+)", str(error))
-    code = error.errno or (int(found.group(1)) if found else None)
+    code = getattr(error, "errno", None) or (int(found.group(1)) if found else None)
     return UsageError(f"cannot write {path}: {os.strerror(code) if code else str(error).splitlines()[0]}")

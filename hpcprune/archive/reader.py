@@ -4,7 +4,10 @@
 
 The layout is described in `hpcprune.archive.writer`. Every read checks the format first: a file that is
 not an archive, is truncated, or was written by a newer hpcprune is refused with a one-line
-`UsageError`; a mask whose fletcher32 checksum fails is named with its round.
+`UsageError`. Then the archive is checked against its own table of contents (`structure`): a missing
+round or mask, a mask whose shape is not the planned one, is refused before anything is read from
+it, and a mask whose fletcher32 checksum fails is named with its round. Format 1 (masks inside the
+archive) and format 2 (masks in part files, linked) read the same: h5py follows the links.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import numpy as np
 import torch
 import yaml
 
+from hpcprune.archive.atomic import refuse_own_input
 from hpcprune.archive.codec import unpack_mask
+from hpcprune.archive.mask_parts import escape_name
+from hpcprune.archive.side_files import SideFiles, fanout_folder, lock_file, logs_folder
+from hpcprune.archive.structure import check_mask, check_structure, planned_shapes
 from hpcprune.errors import UsageError
 
 FORMAT = "hpcprune"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: masks in part files beside the archive, linked; 1: masks inside the archive
+OLDEST_FORMAT = 1
 DENSE_FIGURES = ("accuracy", "loss", "seconds")
 
 
@@ -43,10 +51,14 @@ class ArchiveReader:
                 raise ValueError("/config is not a YAML mapping")
             self.model = _plain_attrs(file["model"].attrs)
             self.params = [_row(row) for row in file["model/params"][()]]
+            self.planned = planned_shapes(self.params)
+            self.side = SideFiles.recorded(self.path, self.attrs)
             self.dense = self._dense(file)
             self.checkpoint = self._checkpoint(file)
             self.events = [_row(row) for row in file["events"][()]] if "events" in file else []
-            self._rounds = [self._round(index, group) for index, group in round_groups(file)]
+            groups = round_groups(file)
+            check_structure(self.path, groups, self.planned, (self.checkpoint or {}).get("round"))
+            self._rounds = [self._round(index, group) for index, group in groups]
         self._links: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
 
     def rounds(self, include_incomplete: bool = False) -> list[dict[str, Any]]:
@@ -65,15 +77,35 @@ class ArchiveReader:
         return {name: (packed, shape) for name, packed, shape in self.iter_packed_masks(index)}
 
     def iter_packed_masks(self, index: int) -> Iterator[tuple[str, np.ndarray, tuple[int, ...]]]:
-        """(name, packed bits, shape) of the round's masks in plan order, one read at a time."""
+        """(name, packed bits, shape) of the round's masks in plan order, one read at a time; every
+        mask's dataset is checked against the plan before the first one is read."""
+        links = self._mask_links(index)
         with open_checked(self.path) as file:
-            for dataset in self._group(file, index)["masks"].values():
-                name = dataset.attrs["name"]
-                try:
-                    packed = dataset[()]
-                except OSError as error:  # fletcher32 or gzip found damaged bytes
-                    raise UsageError(f"{self.path}: round {index}, mask {name} is corrupted ({error})") from None
-                yield name, packed, tuple(int(size) for size in dataset.attrs["shape"])
+            masks = self._group(file, index)["masks"]
+            for tensor, (key, shape) in links.items():
+                yield tensor, self._packed_bits(masks, key, index, tensor), shape
+
+    def _packed_bits(self, masks: h5py.Group, key: str, index: int, tensor: str) -> np.ndarray:
+        try:
+            return self._mask(masks, key, index)[()]
+        except OSError as error:  # fletcher32 or gzip found damaged bytes
+            raise UsageError(f"{self.path}: round {index}, mask {tensor} is corrupted ({error})") from None
+
+    def _mask(self, masks: h5py.Group, key: str, index: int) -> h5py.Dataset:
+        try:
+            return masks[key]  # follows the link into the round's part file
+        except KeyError as error:
+            raise UsageError(f"{self.path} is damaged: round {index}: the mask of {key} cannot be opened "
+                             f"({str(error).splitlines()[0]})") from None
+
+    def own_paths(self) -> tuple[list[Path], list[Path]]:
+        """(files, folders) that are this archive or belong to it: what no command may write over."""
+        recorded = [(self.dense or {}).get("state_file"), *(r.get("state_file") for r in self._rounds)]
+        checkpoint = self.checkpoint or {}
+        recorded += [checkpoint.get("state_file")] + [str(self.path.parent / checkpoint[key]) for key in
+                                                      ("training_model_file", "training_state_file") if checkpoint.get(key)]
+        files = [self.path, lock_file(self.path), *(Path(state) for state in recorded if state)]
+        return files, [self.side.states, self.side.masks, fanout_folder(self.path), logs_folder(self.path)]
 
     def mask_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
         """Each mask's tensor name and shape, in plan order, from attributes alone (no mask is read)."""
@@ -83,18 +115,21 @@ class ArchiveReader:
         """One mask of the round as a bool tensor (True = keep): a model's masks one at a time."""
         link, shape = self._mask_links(index)[name]
         with open_checked(self.path) as file:
-            try:
-                packed = self._group(file, index)["masks"][link][()]
-            except OSError as error:  # fletcher32 or gzip found damaged bytes
-                raise UsageError(f"{self.path}: round {index}, mask {name} is corrupted ({error})") from None
-        return unpack_mask(packed, shape)
+            return unpack_mask(self._packed_bits(self._group(file, index)["masks"], link, index, name), shape)
 
     def _mask_links(self, index: int) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """name -> (HDF5 link name, shape) of the round's masks, read once per round."""
+        """name -> (HDF5 link name, shape) of the round's masks in recorded (plan) order, each mask's
+        dataset checked against the plan; read once per round, no mask's bits read."""
         if index not in self._links:
+            tensors = {escape_name(tensor): tensor for tensor in self.planned}
             with open_checked(self.path) as file:
-                self._links[index] = {dataset.attrs["name"]: (link, tuple(int(size) for size in dataset.attrs["shape"]))
-                                      for link, dataset in self._group(file, index)["masks"].items()}
+                masks = self._group(file, index)["masks"]
+                links = {}
+                for key in (key for key in masks if key in tensors):  # the structure check saw them all planned
+                    tensor = tensors[key]
+                    check_mask(self.path, index, self._mask(masks, key, index), tensor, self.planned[tensor])
+                    links[tensor] = (key, self.planned[tensor])
+            self._links[index] = links
         return self._links[index]
 
     def blocks(self, index: int) -> list[dict[str, Any]]:
@@ -165,6 +200,12 @@ def complete_round(reader: ArchiveReader, round_index: int | None) -> dict[str, 
                      f"{', '.join(str(r['index']) for r in rounds)})")
 
 
+def refuse_writing_over(reader: ArchiveReader, out: str | Path) -> None:
+    """An output of a command that reads this archive must not be the archive or one of its own files."""
+    files, folders = reader.own_paths()
+    refuse_own_input(out, files=files, folders=folders)
+
+
 def open_archive(path: str | Path) -> ArchiveReader:
     """Read an archive; UsageError if it is not one, is damaged, or was written by a newer hpcprune."""
     return ArchiveReader(path)
@@ -217,10 +258,11 @@ def _check_format(path: Path, file: h5py.File) -> None:
         raise UsageError(f"{path} is an HDF5 file but not an hpcprune archive (no format='{FORMAT}' attribute)")
     version = int(file.attrs.get("format_version", 0))
     if version > FORMAT_VERSION:
-        raise UsageError(f"{path} was written by a newer hpcprune (format {version}, this reads {FORMAT_VERSION})")
-    if version < 1:
+        raise UsageError(f"{path} was written by a newer hpcprune (format {version}, this reads "
+                         f"{OLDEST_FORMAT} to {FORMAT_VERSION})")
+    if version < OLDEST_FORMAT:
         raise UsageError(f"{path} was written in an older archive format ({version}) that this hpcprune cannot read "
-                         f"(it reads format {FORMAT_VERSION})")
+                         f"(it reads formats {OLDEST_FORMAT} to {FORMAT_VERSION})")
     missing = [name for name in ("config", "model/params", "rounds") if name not in file]
     if missing:
         raise UsageError(f"{path} is not a readable hpcprune archive (format {version}, missing {', '.join(missing)})")

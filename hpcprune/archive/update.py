@@ -5,7 +5,10 @@
 HDF5 updates a file in place, so a kill or a full disk mid-update could leave a file no reader
 opens. `open_h5(path, "a")` instead copies the archive beside itself (a temporary of
 `hpcprune.archive.atomic`), lets the caller change the copy, and renames it over the archive only
-once it is closed and on disk.
+once it is closed and on disk. The copy costs what the archive weighs, so the archive holds only
+what is small (config, tables, attributes, links): the masks live in part files beside it
+(`hpcprune.archive.mask_parts`), written once, and an update costs the same after 50 rounds as
+after one (bench/archive_updates.py).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from hpcprune.archive.atomic import (
 )
 
 
-def open_h5(path: Path, mode: str) -> h5py.File:
-    """Open an HDF5 file; an existing file opened to update ("a") is updated on a copy (`ReplacingFile`)."""
+def open_h5(path: Path, mode: str, *, temporaries: str | None = None) -> h5py.File:
+    """Open an HDF5 file; an existing file opened to update ("a") is updated on a copy (`ReplacingFile`),
+    named `<temporaries><random>.tmp` (default `.<file name>.`) beside it."""
     if mode == "a" and Path(path).is_file():
-        return ReplacingFile(Path(path))
+        return ReplacingFile(Path(path), temporaries or f".{Path(path).name}.")
     # best-effort: parallel file systems (Lustre, NFS) often refuse HDF5's file locks.
     return h5py.File(path, mode, locking="best-effort")
 
@@ -42,16 +46,17 @@ class ReplacingFile(h5py.File):
     never a mix; a failed update leaves the old file untouched and names it in a one-line UsageError.
     """
 
-    def __init__(self, target: Path):
+    def __init__(self, target: Path, prefix: str):
         self.target = target
         try:
-            handle, copy = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX)
+            handle, copy = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=TEMPORARY_SUFFIX)
             os.close(handle)
         except OSError as error:
             raise write_error(target, error) from None
         self.copy = Path(copy)
         try:
             shutil.copyfile(target, self.copy)
+            shutil.copymode(target, self.copy)  # the archive keeps its mode (mkstemp's is 0600)
             super().__init__(self.copy, "a", locking="best-effort")
         except OSError as error:
             discard(self.copy)
@@ -65,9 +70,15 @@ class ReplacingFile(h5py.File):
                 os.replace(self.copy, self.target)
                 fsync_folder(self.target.parent)
                 return
-        except OSError as failure:
+        except (OSError, RuntimeError) as failure:
             error = error or failure
         finally:
             discard(self.copy)
-        if isinstance(error, OSError):
+        if file_system_failure(error):
             raise write_error(self.target, error) from None
+
+
+def file_system_failure(error: BaseException | None) -> bool:
+    """An OSError, or HDF5's RuntimeError for a write the file system refused ("file write failed ...
+    errno = 28"): a full disk or a quota, not a bug."""
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and "file write failed" in str(error))

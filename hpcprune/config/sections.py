@@ -209,7 +209,7 @@ class DistillConfig(Section):
 
 class OutputConfig(Section):
     path: str = "runs/hpcprune.h5"
-    """Archive to write; model states go to `<path minus .h5>.states/` beside it."""
+    """Archive to write; model states go to `<path>.states/` beside it (run.h5 -> run.h5.states/)."""
 
     @field_validator("path")
     @classmethod

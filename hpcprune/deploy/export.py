@@ -22,6 +22,12 @@ FLOPs per sample, and test accuracy when the run's data is available (a Hugging 
 neither: it is measured by its parameters and bytes). The figures are printed and
 appended to the archive as /exports/<NNNN>. An archive of `model.name: checkpoint` has no module:
 it exports masked and sparse only.
+
+A refused export leaves nothing behind: what can be refused is checked before any work (the output
+path, that it is none of the archive's own files, that the archive can be locked, and so recorded
+into, in its folder), and the file is measured and recorded under its temporary name, which becomes
+`--out` only once the archive holds its figures. While an export records into an archive it holds
+the archive's lock (`hpcprune.archive.lock`): an export of an archive that a run is writing is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from hpcprune.archive.atomic import check_output_path, replace_atomically
+from hpcprune.archive.atomic import check_output_path, refuse_own_input, replace_atomically
+from hpcprune.archive.reader import open_archive, refuse_writing_over
 from hpcprune.archive.writer import Archive
 from hpcprune.config import CHECKPOINT_MODEL
 from hpcprune.deploy.formats import (
@@ -60,24 +67,42 @@ __all__ = ["build_architecture", "count_flops", "export", "exported_model", "loa
 def export(archive: str | Path, *, fmt: str, out: str | Path, round_index: int | None = None,
            force: bool = False, int8_base: str = "masked", record: bool = True) -> ExportReport:
     """Write round `round_index` (default: the last complete one) of `archive` as `fmt` to `out`."""
-    if fmt == FOLDER_FORMAT:
+    if fmt != FOLDER_FORMAT:
+        exporter(fmt)
+        if int8_base not in INT8_BASES:
+            raise UsageError(f"--int8-base {int8_base!r}: expected one of {', '.join(INT8_BASES)}")
+    refuse_writing_over(open_archive(archive), out)
+    held_before = Archive.held(archive) is not None
+    recorder = Archive.at(archive) if record else None  # refuses a live writer, or a folder it cannot record in
+    try:
+        if fmt != FOLDER_FORMAT:
+            return _export_file(archive, fmt, Path(out), round_index, force, int8_base, recorder)
         report = export_folder(archive, Path(out), round_index, force)
-        if record:
-            Archive.at(archive).write_export(_export_attrs(report, Path(out)))
+        if recorder is not None:
+            recorder.write_export(_export_attrs(report, Path(out)))
         return report
+    finally:
+        if recorder is not None and not held_before:
+            recorder.close()
+
+
+def _export_file(archive: str | Path, fmt: str, out: Path, round_index: int | None, force: bool, int8_base: str,
+                 recorder: Archive | None) -> ExportReport:
+    """One safetensors file, measured and recorded under its temporary name, then renamed to `out`."""
     chosen = exporter(fmt)
-    if int8_base not in INT8_BASES:
-        raise UsageError(f"--int8-base {int8_base!r}: expected one of {', '.join(INT8_BASES)}")
-    out = _check_out(Path(out), force)
+    out = _check_out(out, force)
     job = load_round(archive, round_index)
     if chosen.needs_module and job.model is None:
         raise UsageError(f"--format {fmt}: {job.archive} was run on model.name '{CHECKPOINT_MODEL}' (no module); "
                          f"it exports as: {', '.join(name for name, e in EXPORTERS.items() if not e.needs_module)}")
+    refuse_own_input(out, files=[job.config.model.checkpoint] if job.config.model.checkpoint else [])
     artefact = chosen.build(job, int8_base)
-    _write(out, artefact, _metadata(job, fmt, artefact))
-    report = measure(job, fmt, out, artefact.details)
-    if record:
-        Archive.at(job.archive).write_export(_export_attrs(report, out))
+    with replace_atomically(out) as temporary:
+        _write(temporary, artefact, _metadata(job, fmt, artefact))
+        report = measure(job, fmt, temporary, artefact.details)
+        report.path = str(out)
+        if recorder is not None:  # before the rename: a failed record leaves no export behind
+            recorder.write_export(_export_attrs(report, out))
     return report
 
 
@@ -102,11 +127,8 @@ def _metadata(job: RoundModel, fmt: str, artefact: Artefact) -> dict[str, str]:
     return {"format": "pt", METADATA_KEY: json.dumps(description), **artefact.extra_metadata}
 
 
-def _write(out: Path, artefact: Artefact, metadata: dict[str, str]) -> None:
-    """Write atomically: a reader (or a failed export) leaves the old file or the complete new one."""
-    with replace_atomically(out) as temporary:
-        save_file({name: tensor.contiguous() for name, tensor in artefact.tensors.items()}, str(temporary),
-                  metadata=metadata)
+def _write(file: Path, artefact: Artefact, metadata: dict[str, str]) -> None:
+    save_file({name: tensor.contiguous() for name, tensor in artefact.tensors.items()}, str(file), metadata=metadata)
 
 
 def _export_attrs(report: ExportReport, out: Path) -> dict[str, Any]:

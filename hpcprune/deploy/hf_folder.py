@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from hpcprune import registry
-from hpcprune.archive.atomic import replace_atomically
+from hpcprune.archive.atomic import refuse_own_input, replace_atomically
 from hpcprune.archive.reader import ArchiveReader, complete_round, open_archive
 from hpcprune.config import load_config_text
 from hpcprune.deploy.formats import FOLDER_FORMAT
@@ -79,8 +79,7 @@ def plan_folder_export(archive: str | Path, out: Path, round_index: int | None, 
     attrs = complete_round(reader, round_index)
     folder = _model_folder(reader)
     _check_out(out, force)
-    if out.exists() and out.resolve() == folder.resolve():
-        raise UsageError(f"--out {out}: is the run's model folder, which the export reads; choose another folder")
+    refuse_own_input(out, folders=[folder])  # the run's model folder, which the export reads
     sources = _weight_files(folder)
     shards = [(source, _specs(source)) for source in sources]
     stored = {spec.name: spec for _, specs in shards for spec in specs}

@@ -13,8 +13,10 @@ rank 0 records what resume needs (a complete round is already on disk; mid-fine-
 
 `exits_when_preempted` turns that into the end of the process: rank 0 appends an "interrupt" event
 to the archive, requeues the job when it runs under SLURM (`scontrol requeue $SLURM_JOB_ID`, then a
-"requeue" event), and every rank exits with `PREEMPTED_EXIT` (75, EX_TEMPFAIL: try again later).
-The requeued job, or `hpcprune prune --resume` by hand, continues from the archive.
+"requeue" event), lets the archive's lock go, and every rank exits with `PREEMPTED_EXIT` (75,
+EX_TEMPFAIL: try again later). The requeued job, or `hpcprune prune --resume` by hand, continues
+from the archive; a `--force` run stopped before its first step has replaced the old archive first,
+so that what the resume continues is the new run.
 
 SIGINT (Ctrl-C) stops the same way and records the same "interrupt" event, but someone asked the
 run to stop rather than the scheduler to make room: nothing is requeued and the status is 130
@@ -125,11 +127,13 @@ def exits_when_preempted(world: World, requeue: Requeue = scontrol_requeue) -> I
         if world.is_root:
             log.warning("%s: %s", stop.archive, stop)
             archive = Archive.at(stop.archive)
+            archive.replace_previous_run()
             archive.record_event("interrupt", str(stop))
             # The event comes after the requeue succeeded: the requeue is what SLURM may kill us for
             # (SIGTERM, then SIGKILL after KillWait), and writing a row takes milliseconds.
             requeued = None if stop.asked_by_user else requeue()
             if requeued:
                 archive.record_event("requeue", requeued)
+            archive.close()
         world.close()
         raise SystemExit(INTERRUPTED_EXIT if stop.asked_by_user else PREEMPTED_EXIT) from None

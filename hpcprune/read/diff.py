@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from hpcprune.archive.codec import packed_kept
+from hpcprune.archive.config_diff import RESUME_IGNORED_KEYS, flatten, yaml_tree
 from hpcprune.archive.reader import complete_round, open_archive
-from hpcprune.archive.writer import RESUME_IGNORED_KEYS, _flatten, _yaml_tree
 from hpcprune.errors import UsageError
 from hpcprune.read.summary import finite, number, percent, table
 
@@ -30,7 +30,7 @@ def diff(path_a: str | Path, path_b: str | Path, round_index: int | None = None)
     tensors = [_agreement(name, packed_a, packed_b)
                for name, packed_a, packed_b in _paired_masks(a, round_a["index"], b, round_b["index"])]
     both, either = sum(t["both"] for t in tensors), sum(t["either"] for t in tensors)
-    config_a, config_b = _flatten(_yaml_tree(a.config_yaml)), _flatten(_yaml_tree(b.config_yaml))
+    config_a, config_b = flatten(yaml_tree(a.config_yaml)), flatten(yaml_tree(b.config_yaml))
     return finite({
         "a": str(path_a), "b": str(path_b), "round_a": round_a["index"], "round_b": round_b["index"],
         "identical": all(t["identical"] for t in tensors),

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from hpcprune.archive.atomic import refuse_existing, replace_atomically
-from hpcprune.archive.reader import complete_round, open_archive
+from hpcprune.archive.reader import complete_round, open_archive, refuse_writing_over
 
 ALIGNMENT = 8  # safetensors pads its header with spaces so that the data starts aligned
 
@@ -27,8 +27,9 @@ ALIGNMENT = 8  # safetensors pads its header with spaces so that the data starts
 def export_masks(path: str | Path, out: str | Path, round_index: int | None = None, *,
                  force: bool = False) -> dict[str, Any]:
     """Write round `round_index`'s masks (None: the last complete round) to `out`; returns what was written."""
-    refuse_existing(out, force)
     reader = open_archive(path)
+    refuse_writing_over(reader, out)
+    refuse_existing(out, force)
     index = complete_round(reader, round_index)["index"]
     shapes = reader.shapes()
     header, offset = {}, 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcprune.archive.atomic import refuse_existing, replace_atomically
-from hpcprune.archive.reader import ArchiveReader, open_archive
+from hpcprune.archive.reader import ArchiveReader, open_archive, refuse_writing_over
 from hpcprune.errors import UsageError
 from hpcprune.read.score_stats import round_scores
 
@@ -60,6 +60,7 @@ def figures(path: str | Path) -> Figures:
 def write_plots(path: str | Path, out: str | Path, *, force: bool = False) -> dict[str, Any]:
     """Write every figure of `path` as `<out>/<name>.png`; returns the files and the reasons for any left out."""
     out = Path(out)
+    refuse_writing_over(open_archive(path), out)
     drawn = figures(path)
     try:
         targets = {name: out / f"{name}.png" for name in drawn.figures}

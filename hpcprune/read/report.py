@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcprune.archive.atomic import refuse_existing, replace_atomically
+from hpcprune.archive.reader import open_archive, refuse_writing_over
 from hpcprune.read.plots import figures
 from hpcprune.read.summary import (
     event_table,
@@ -42,6 +43,7 @@ figcaption { font-size: 0.9em; color: #555; } .note { color: #8a4b00; }
 
 def write_report(path: str | Path, out: str | Path, *, force: bool = False) -> dict[str, Any]:
     """Write the report page of archive `path` to `out`; returns what went into it."""
+    refuse_writing_over(open_archive(path), out)
     refuse_existing(out, force)
     facts = summary(path)
     last = layers(path) if facts["rounds"] else None

@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hpcprune.archive.config_diff import RESUME_IGNORED_KEYS, flatten, yaml_tree
 from hpcprune.archive.reader import ArchiveReader, complete_round, open_archive
-from hpcprune.archive.writer import RESUME_IGNORED_KEYS, _flatten, _yaml_tree
 from hpcprune.config import RunConfig
 from hpcprune.read.score_stats import round_scores
 from hpcprune.read.sequential_summary import render_sequential, sequential_facts
@@ -34,7 +34,7 @@ def summary(path: str | Path) -> dict[str, Any]:
     rounds = reader.rounds()
     layers = reader.layers(rounds[-1]["index"]) if rounds else []
     dense = reader.dense
-    config = _yaml_tree(reader.config_yaml)
+    config = yaml_tree(reader.config_yaml)
     kinds = [event["kind"] for event in reader.events]
     sequential = sequential_facts(path, rounds[-1]) if rounds else None  # schedule sequential: figures, blocks
     return finite({
@@ -86,8 +86,8 @@ def layers(path: str | Path, round_index: int | None = None) -> dict[str, Any]:
 
 def config_changes(config: dict[str, Any]) -> dict[str, Any]:
     """The dotted keys whose value differs from the default config's."""
-    defaults = _flatten(RunConfig().model_dump(mode="json"))
-    return {key: value for key, value in _flatten(config).items()
+    defaults = flatten(RunConfig().model_dump(mode="json"))
+    return {key: value for key, value in flatten(config).items()
             if defaults.get(key) != value and key not in RESUME_IGNORED_KEYS}
 
 

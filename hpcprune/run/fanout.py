@@ -23,7 +23,7 @@ deterministic stop the run instead of corrupting it). Every file a task writes a
 (written aside, then renamed), so which files exist says which tasks answered which stage, and
 finished work is never redone.
 
-Files live in `<archive stem>.fanout/`, which every task must see (a shared filesystem); a round's
+Files live in `<archive>.fanout/` (run.h5.fanout/), which every task must see (a shared filesystem); a round's
 files are removed once its masks are collected, the backends' logs stay in `logs/`.
 """
 
@@ -46,6 +46,7 @@ import numpy as np
 
 from hpcprune import registry
 from hpcprune.archive.atomic import write_atomically
+from hpcprune.archive.side_files import fanout_folder
 from hpcprune.config import FanoutConfig, RunConfig, load_config_text
 from hpcprune.dist.failures import AgreedFailure
 from hpcprune.dist.world import World
@@ -329,12 +330,6 @@ def open_backend(config: FanoutConfig, logs: Path) -> Backend:
 
 
 # --- the pipeline's entry point -----------------------------------------------------------------------
-
-
-def fanout_folder(archive: Path) -> Path:
-    """`<archive stem>.fanout/` beside the archive: round files, and the backends' logs in logs/."""
-    archive = Path(archive).resolve()
-    return archive.parent / f"{archive.stem}.fanout"
 
 
 def select_fanned_out(job, round_index: int, target: float) -> Selection:

@@ -2,7 +2,7 @@
 
     hpcprune prune --config configs/oneshot_global.yaml --set fanout.backend=dask
 
-`<archive stem>.fanout/` holds round.json (the `RoundDescription`), stage-<s>/part-<rank>.npy (each
+`<archive>.fanout/` (`hpcprune.archive.side_files`) holds round.json (the `RoundDescription`), stage-<s>/part-<rank>.npy (each
 task's contribution to the stage's allreduce) and reduced.npy (their sum), result-<rank>.masks (a
 task's masks: a file of `hpcprune.archive.wire` messages, one per mask, written and read one at a
 time) and error-<rank>.txt (what a task refused). Every file is written aside and renamed, so which

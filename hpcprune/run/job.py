@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpcprune.archive.side_files import SideFiles
 from hpcprune.config import RunConfig
 from hpcprune.dist.world import World
 from hpcprune.models.data import Splits
@@ -61,4 +62,5 @@ class Job:
     masks: PackedMasks = field(default_factory=dict)  # every tensor's (module) or this rank's (checkpoint)
     channels: ChannelPruning | None = None  # prune.granularity channel: the model's channel groups
     saved_training: SavedTraining | None = None  # where an interrupted training stage continues
+    side: SideFiles | None = None  # the run's states and masks folders, once the archive is held (every rank)
 

@@ -36,7 +36,7 @@ from hpcprune.prune.plan import make_plan
 from hpcprune.prune.schedule import round_targets
 from hpcprune.prune.selection import keeps_nothing, sparsity_keeps_nothing
 from hpcprune.run.job import Job, RunResult
-from hpcprune.run.resume import open_run_archive, resume_masks
+from hpcprune.run.resume import holding_archive, open_run_archive, resume_masks
 from hpcprune.run.rounds import dense_model, kept_on_rank, prune_round
 from hpcprune.run.sequential import run_sequential
 from hpcprune.train.checkpoint import SavedTraining
@@ -50,24 +50,25 @@ def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = 
     # is raised on all of them, before anything is written (hpcprune.dist.failures).
     job = agreed(world, lambda: _job(config, world))
     refuse_shared_gpus(world, job.device)
-    point = open_run_archive(job, resume=resume, force=force)
-    job.saved_training = SavedTraining(**point.training) if point.training else None
-    dense_accuracy = dense_model(job, point) if job.model is not None else math.nan
-    job.masks = resume_masks(job, point)
+    with holding_archive(job):  # rank 0 holds the archive's lock from here to the end of the run
+        point = open_run_archive(job, resume=resume, force=force)
+        job.saved_training = SavedTraining(**point.training) if point.training else None
+        dense_accuracy = dense_model(job, point) if job.model is not None else math.nan
+        job.masks = resume_masks(job, point)
 
-    targets = round_targets(config.schedule, config.prune.sparsity)
-    accuracy = dense_accuracy
-    for round_index in range(point.last_round + 1, len(targets) + 1):
-        stop_here(world, job.path, f"before round {round_index}")  # a safe point (hpcprune.dist.signals)
-        accuracy = prune_round(job, round_index, len(targets), targets[round_index - 1])
-    if point.last_round == len(targets) and job.model is not None:
-        accuracy = evaluate(job.model, job.splits.test, world=world, device=job.device,
-                            batch_size=config.data.eval_batch_size)[1]
+        targets = round_targets(config.schedule, config.prune.sparsity)
+        accuracy = dense_accuracy
+        for round_index in range(point.last_round + 1, len(targets) + 1):
+            stop_here(world, job.path, f"before round {round_index}")  # a safe point (hpcprune.dist.signals)
+            accuracy = prune_round(job, round_index, len(targets), targets[round_index - 1])
+        if point.last_round == len(targets) and job.model is not None:
+            accuracy = evaluate(job.model, job.splits.test, world=world, device=job.device,
+                                batch_size=config.data.eval_batch_size)[1]
 
-    kept = int(world.allreduce_sum(np.array([kept_on_rank(job)], dtype=np.int64))[0])
-    if world.is_root:
-        Archive.at(job.path).record_event("finish", f"{len(targets)} round(s), {kept} of {job.plan.total} weights kept")
-    world.barrier()
+        kept = int(world.allreduce_sum(np.array([kept_on_rank(job)], dtype=np.int64))[0])
+        if world.is_root:
+            Archive.at(job.path).record_event("finish", f"{len(targets)} round(s), {kept} of {job.plan.total} weights kept")
+        world.barrier()
     return RunResult(str(job.path), dense_accuracy, accuracy, config.prune.sparsity,
                      1.0 - kept / job.plan.total, kept, job.plan.total, job.model,
                      "channels" if job.channels is not None else "weights")

@@ -3,21 +3,28 @@
     hpcprune prune --config configs/quickstart.yaml --resume
 
 Rank 0 creates the archive (or checks that the recorded run may continue: same config, states on
-disk, readable masks), reads the `ResumePoint` and broadcasts it, so every rank continues from the
-same place. `resume_masks` brings back the last complete round's masks and weights, tensor by tensor.
+disk, readable masks, an archive whose structure matches its table of contents), reads the
+`ResumePoint` and broadcasts it, so every rank continues from the same place, with the same side
+folders. From then until the run ends rank 0 holds the archive's lock (`holding_archive`): a
+second run, resume or export of it is refused. `resume_masks` brings back the last complete round's
+masks and weights, tensor by tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hpcprune.archive.atomic import check_output_path
 from hpcprune.archive.reader import open_archive
+from hpcprune.archive.side_files import SideFiles
 from hpcprune.archive.writer import Archive, state_path
 from hpcprune.dist.failures import agreed
+from hpcprune.dist.signals import Preempted
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
 from hpcprune.models.builders import load_checkpoint
@@ -37,13 +44,38 @@ class ResumePoint:
     last_round: int = 0  # last complete round (0: none)
     round_state: str | None = None  # model state after that round
     training: dict | None = None  # a training stage stopped mid-way (fields of SavedTraining)
+    side: dict = field(default_factory=dict)  # the run's SideFiles (folder as text)
 
 
 def open_run_archive(job: Job, *, resume: bool, force: bool) -> ResumePoint:
-    """Create the archive, or reopen it to resume; every rank learns the resume point, or the refusal."""
+    """Create the archive, or reopen it to resume; every rank learns the resume point (with the
+    archive's side files), or the refusal."""
     point = agreed(job.world, lambda: _open_on_root(job, resume=resume, force=force) if job.world.is_root else None)
     shared = job.world.broadcast_bytes(json.dumps(asdict(point)).encode() if job.world.is_root else None)
-    return ResumePoint(**json.loads(shared))
+    point = ResumePoint(**json.loads(shared))
+    job.side = SideFiles(**{**point.side, "folder": Path(point.side["folder"])})
+    return point
+
+
+@contextlib.contextmanager
+def holding_archive(job: Job) -> Iterator[None]:
+    """Rank 0 holds the archive until the run ends, then lets it go (a --force run that never got to
+    replace the old archive leaves no trace). A run stopped to be requeued keeps it: the signal
+    handler (`hpcprune.dist.signals.exits_when_preempted`) records the stop first, then lets it go."""
+    try:
+        yield
+    except Preempted:
+        raise
+    except BaseException:
+        _let_go(job)
+        raise
+    _let_go(job)
+
+
+def _let_go(job: Job) -> None:
+    archive = Archive.held(job.path) if job.world.is_root else None
+    if archive is not None:
+        archive.close()
 
 
 def _open_on_root(job: Job, *, resume: bool, force: bool) -> ResumePoint:
@@ -56,11 +88,14 @@ def _open_on_root(job: Job, *, resume: bool, force: bool) -> ResumePoint:
         log.info("resuming %s after round %d", job.path, point.last_round)
         training = point.training and f", training stage {point.training['stage']} after epoch {point.training['epoch']}"
         archive.record_event("resume", f"after round {point.last_round}{training or ''} on {_where(job.world)}")
-        return point
-    archive = Archive.create(job.path, config_yaml=config_yaml, model_name=job.config.model.name,
-                             params=_param_table(job), world_size=job.world.size, backend=job.world.name, force=force)
-    archive.record_event("start", _where(job.world))
-    return ResumePoint()
+    else:
+        point = ResumePoint()
+        archive = Archive.create(job.path, config_yaml=config_yaml, model_name=job.config.model.name,
+                                 params=_param_table(job), world_size=job.world.size, backend=job.world.name,
+                                 force=force)
+        archive.record_event("start", _where(job.world))
+    point.side = {**asdict(archive.side), "folder": str(archive.side.folder)}
+    return point
 
 
 def _where(world: World) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from hpcprune import registry
 from hpcprune.archive.codec import packed_kept
-from hpcprune.archive.writer import Archive, state_path
+from hpcprune.archive.writer import Archive
 from hpcprune.dist.ddp import wrap_for_training
 from hpcprune.dist.failures import raise_on_every_rank
 from hpcprune.models.builders import load_checkpoint, save_checkpoint
@@ -58,15 +58,15 @@ def dense_model(job: Job, point: ResumePoint) -> float:
     if not config.model.checkpoint and config.pretrain.epochs:
         log.info("no checkpoint given: training the dense model for %d epochs", config.pretrain.epochs)
         history = _train(job, config.pretrain, masks=None, seed=config.seed, label="dense", stage=0,
-                         on_epoch_end=RewindRecorder(job.model, job.path, world, config.schedule.rewind_epoch))
+                         on_epoch_end=RewindRecorder(job.model, job.side.state("rewind"), world, config.schedule.rewind_epoch))
     loss, accuracy = test_model(job)
     log.info("dense model: test accuracy %.2f %%", 100 * accuracy)
     if world.is_root:
-        state_file = state_path(job.path, "dense")
+        state_file = job.side.state("dense")
         save_checkpoint(job.model, str(state_file))
         Archive.at(job.path).write_dense(accuracy=accuracy, loss=loss, seconds=time.perf_counter() - started,
                                          history=[asdict(record) for record in history],
-                                         state_file=str(state_file.relative_to(job.path.parent)))
+                                         state_file=str(state_file.absolute()))
     world.barrier()
     return accuracy
 
@@ -95,10 +95,10 @@ def prune_round(job: Job, round_index: int, rounds: int, target: float) -> float
         masks = _training_masks(job)
         apply_masks(job.model, masks)
         if config.schedule.rewind_epoch is not None:  # lottery ticket: survivors restart from early weights
-            rewind(job.model, job.path, masks)
+            rewind(job.model, job.side.state("rewind"), masks)
         pruner = GradualPruner.for_round(config, job.model, job.splits, world, target,
                                          lambda sparsity: _reselect(job, sparsity), seed=config.seed + round_index)
-        hooks = dict(after_step=pruner, loss_fn=distillation_loss(config.distill, job.model, state_path(job.path, "dense")))
+        hooks = dict(after_step=pruner, loss_fn=distillation_loss(config.distill, job.model, job.side.state("dense")))
         history = _train(job, config.finetune, masks=masks, seed=config.seed + round_index, label=f"round {round_index}",
                          stage=round_index, **hooks)
         selection = selection if pruner is None else pruner.selection  # gradual: the last update's masks
@@ -119,11 +119,11 @@ def prune_round(job: Job, round_index: int, rounds: int, target: float) -> float
 
 def _record_round(job, masks: Iterator[RecordedMask], kept: np.ndarray, round_index, target, selection: Selection,
                   accuracy, loss, seconds, history, started):
-    relative_state = ""
+    round_state = ""
     if job.model is not None:
-        state_file = state_path(job.path, f"round-{round_index:04d}")
+        state_file = job.side.state(f"round-{round_index:04d}")
         save_checkpoint(job.model, str(state_file))
-        relative_state = str(state_file.relative_to(job.path.parent))
+        round_state = str(state_file.absolute())  # the archive stores it relative to its own folder
     layers = [dict(name=spec.name, numel=spec.numel, kept=int(kept[spec.index]),
                    sparsity=1.0 - int(kept[spec.index]) / spec.numel) for spec in job.plan.tensors]
     attrs = dict(
@@ -132,14 +132,14 @@ def _record_round(job, masks: Iterator[RecordedMask], kept: np.ndarray, round_in
         threshold=math.nan if selection.threshold is None else selection.threshold,
         kept=selection.kept, total=selection.total, accuracy=accuracy, loss=loss,
         seconds_select=seconds["select"], seconds_finetune=seconds["finetune"],
-        seconds_record=time.perf_counter() - started, state_file=relative_state, **selection.attrs,
+        seconds_record=time.perf_counter() - started, state_file=round_state, **selection.attrs,
     )
     archive = Archive.at(job.path)
     # The masks arrive while the archive writes them, one tensor at a time, in the plan's order.
     archive.write_round(round_index, attrs=attrs,
                         masks=masks, layers=layers, history=[asdict(record) for record in history],
                         progress=job.config.progress)
-    archive.mark_checkpoint(round_index, relative_state)
+    archive.mark_checkpoint(round_index, round_state)
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def _train(job: Job, train_config, *, masks, seed, label, stage, **hooks):
     config = job.config
     model = wrap_for_training(job.model, job.world, job.device)
     gradual_round = stage > 0 and config.schedule.kind == "gradual"
-    resumable = EpochCheckpoint(job.world, job.path, stage, label, job.saved_training, saves=not gradual_round)
+    resumable = EpochCheckpoint(job.world, job.path, job.side, stage, label, job.saved_training, saves=not gradual_round)
     return train(model, job.splits.train, job.splits.validation, train_config, world=job.world, device=job.device,
                  seed=seed, batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
                  masks=masks, progress=config.progress, describe=label, resumable=resumable, **hooks)

@@ -4,7 +4,7 @@
 
 A round submits one array of all its shards; the tasks run side by side through every stage. Shards
 started again (a task failed, or stopped waiting) go in one smaller array each time. Partition, time
-limit, CPUs and memory come from `fanout.slurm`; logs go to `<archive stem>.fanout/logs/<job id>_<task>/`.
+limit, CPUs and memory come from `fanout.slurm`; logs go to `<archive>.fanout/logs/<job id>_<task>/`.
 """
 
 from __future__ import annotations

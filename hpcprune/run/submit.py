@@ -5,7 +5,7 @@
 The config is read and checked here, before anything is submitted, and the job receives the
 resolved config itself, not the file: editing the file later changes nothing for the job or its
 requeued attempts. The archive path is made absolute; submitit's scripts and logs go beside it in
-`<archive stem>.logs/<job id>/`. Each submitit task is one rank: with several tasks they form a
+`<archive>.logs/<job id>/` (run.h5.logs/). Each submitit task is one rank: with several tasks they form a
 torch.distributed world from submitit's job environment (SLURM_PROCID, SLURM_NTASKS... under SLURM).
 
 Preemption: submitit asks SLURM for SIGUSR2 `signal_delay_s` (90 s) before the time limit. That
@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hpcprune.archive.atomic import check_output_path
+from hpcprune.archive.side_files import logs_folder
 from hpcprune.archive.writer import state_path
 from hpcprune.config import RunConfig
 from hpcprune.dist.logs import setup_logging
@@ -90,10 +91,6 @@ def task_world(environment) -> World:
                                   environment.hostnames[0], environment.job_id, f"submitit-{environment.job_id}")
 
 
-def _log_folder(archive: Path) -> Path:
-    return archive.parent / f"{archive.stem}.logs"
-
-
 def _requeue_through(handler) -> str | None:
     """Run submitit's checkpoint-and-requeue handler; it ends by raising SystemExit once requeued."""
     if not callable(handler):
@@ -114,12 +111,12 @@ def submit(config: RunConfig, options: SubmitOptions, *, resume: bool = False, f
     if options.cluster is not None and options.cluster not in CLUSTERS:
         raise UsageError(f"--cluster: unknown cluster {options.cluster!r}; use {' or '.join(CLUSTERS)}")
     archive = Path(config.output.path).absolute()
-    check_output_path(archive, _log_folder(archive), state_path(archive, "dense"))
+    check_output_path(archive, logs_folder(archive), state_path(archive, "dense"))
     if archive.exists() and not (resume or force):
         raise UsageError(f"{archive} exists; pass --resume to continue it or --force to overwrite")
     config = config.model_copy(update={"output": config.output.model_copy(update={"path": str(archive)})})
     try:
-        executor = submitit.AutoExecutor(folder=_log_folder(archive) / "%j", cluster=options.cluster)
+        executor = submitit.AutoExecutor(folder=logs_folder(archive) / "%j", cluster=options.cluster)
         executor.update_parameters(
             name="hpcprune", nodes=options.nodes, tasks_per_node=options.tasks_per_node,
             gpus_per_node=options.tasks_per_node * options.gpus_per_task, timeout_min=options.time_min,

@@ -3,7 +3,8 @@
     scancel --signal=USR1 <job id>     # during fine-tuning: the run stops after the current epoch
 
 After every epoch but the last (a safe point, see `hpcprune.dist.signals`) the ranks agree whether any
-of them was signalled. If so, rank 0 writes beside the archive, in `<stem>.states/`:
+of them was signalled. If so, rank 0 writes into the run's states folder (`run.h5.states/`, see
+`hpcprune.archive.side_files`):
 
     training-<stage>-e<epoch>.safetensors   the model's tensors
     training-<stage>-e<epoch>.pt            optimizer and LR-schedule state dicts, the epoch records so
@@ -30,7 +31,8 @@ from typing import Any
 import torch
 
 from hpcprune.archive.atomic import replace_atomically
-from hpcprune.archive.writer import Archive, state_path
+from hpcprune.archive.side_files import SideFiles
+from hpcprune.archive.writer import Archive
 from hpcprune.dist.signals import stop_here
 from hpcprune.dist.world import World
 from hpcprune.models.builders import load_checkpoint, save_checkpoint
@@ -60,9 +62,9 @@ class SavedTraining:
 class EpochCheckpoint:
     """The `finetune.Resumable` of one training stage of the run recorded in `archive`."""
 
-    def __init__(self, world: World, archive: Path, stage: int, label: str, saved: SavedTraining | None,
-                 *, saves: bool = True):
-        self.world, self.archive, self.stage, self.label = world, Path(archive), stage, label
+    def __init__(self, world: World, archive: Path, side: SideFiles, stage: int, label: str,
+                 saved: SavedTraining | None, *, saves: bool = True):
+        self.world, self.archive, self.side, self.stage, self.label = world, Path(archive), side, stage, label
         self.saved = saved if saved is not None and saved.stage == stage else None
         # A gradual round's masks move with the steps: its model, optimizer and RNG alone would not
         # resume it to the same masks, so such a stage stops without saving and is redone whole.
@@ -92,7 +94,7 @@ class EpochCheckpoint:
         """Rank 0: write the state files, then point /checkpoint at them (the files first: a crash
         in between leaves the previous checkpoint valid)."""
         label = f"training-{self.stage:04d}-e{state.epoch:04d}"
-        model_file = state_path(self.archive, label)
+        model_file = self.side.state(label)
         save_checkpoint(unwrap(state.model), model_file)
         state_file = model_file.with_suffix(".pt")
         _save_atomically({"optimizer": state.optimizer.state_dict(), "lr_schedule": state.schedule.state_dict(),
