@@ -7,6 +7,7 @@ culprit, every file unchanged (tests.finished_run.refused)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -243,6 +244,29 @@ def test_an_export_of_an_archive_in_a_read_only_folder_is_refused_before_it_writ
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith(f"hpcprune: error: cannot lock {archive}: ") and "Read-only file system" in lines[0]
     assert list(exports.iterdir()) == [] and snapshot(folder) == before
+
+
+def test_an_export_whose_record_fails_leaves_no_file(oneshot_references, tmp_path, monkeypatch):
+    """Recording into the archive fails after the file is written (a full disk, say): the file goes too."""
+    from hpcprune.archive.writer import Archive
+    from hpcprune.deploy.export import export
+    from hpcprune.errors import UsageError
+
+    archive = tmp_path / "run.h5"
+    archive.write_bytes(oneshot_references["0.8"].read_bytes())
+    for folder in ("0.8.h5.states", "0.8.h5.masks"):
+        shutil.copytree(oneshot_references["0.8"].parent / folder, tmp_path / folder)
+    before = snapshot(tmp_path)
+
+    def full_disk(self, attrs):
+        raise UsageError(f"cannot write {self.path}: No space left on device")
+
+    monkeypatch.setattr(Archive, "write_export", full_disk)
+    out = tmp_path / "exports" / "model.safetensors"
+    with pytest.raises(UsageError, match="No space left on device"):
+        export(archive, fmt="masked", out=out)
+    assert not out.exists() and list(out.parent.iterdir()) == [] and snapshot(tmp_path) == before
+    assert Archive.held(archive) is None and not Path(f"{archive}.lock").exists()
 
 
 # --- damaged archives are refused ---------------------------------------------------------------------------

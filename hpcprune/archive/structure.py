@@ -51,13 +51,17 @@ def _check_round_links(path: Path, index: int, group: h5py.Group, planned: Mappi
     if "masks" not in group:
         raise _damaged(path, f"round {index} has no masks group")
     masks = group["masks"]
+    present: dict[str, bool] = {}  # part file -> exists: one look per part, not per mask
     for tensor in planned:
         link = masks.get(escape_name(tensor), getlink=True)
         if link is None:
             raise _damaged(path, f"round {index} has no mask of {tensor}")
-        if isinstance(link, h5py.ExternalLink) and not (path.parent / link.filename).is_file():
-            raise _damaged(path, f"round {index}: the mask of {tensor} is in {path.parent / link.filename}, "
-                                 f"which is missing")
+        if isinstance(link, h5py.ExternalLink):
+            if link.filename not in present:
+                present[link.filename] = (path.parent / link.filename).is_file()
+            if not present[link.filename]:
+                raise _damaged(path, f"round {index}: the mask of {tensor} is in {path.parent / link.filename}, "
+                                     f"which is missing")
     extra = sorted(set(masks) - {escape_name(tensor) for tensor in planned})
     if extra:
         raise _damaged(path, f"round {index} has a mask of {extra[0]}, which /model/params does not plan")

@@ -127,10 +127,7 @@ class Archive(RoundRecording):
         and the old one in place, until `replace_previous_run` (see the top).
         """
         path = Path(path)
-        if path.is_dir():
-            raise UsageError(f"{path} is a directory; output.path must name the archive file")
-        if path.exists() and not force:
-            raise UsageError(f"{path} exists; pass --resume to continue it or --force to overwrite")
+        _refuse_existing_archive(path, force)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -139,6 +136,7 @@ class Archive(RoundRecording):
         header = dict(config_yaml=config_yaml, model_name=model_name, params=params, world_size=world_size,
                       backend=backend)
         try:
+            _refuse_existing_archive(path, force)  # again: a writer that held the lock until now may have made it
             if not path.exists():
                 side = SideFiles.new(path, 1)
                 with replace_atomically(path) as temporary, h5py.File(temporary, "w") as file:
@@ -301,6 +299,13 @@ class Archive(RoundRecording):
 
 def _key(path: str | Path) -> str:
     return str(Path(path).absolute())
+
+
+def _refuse_existing_archive(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; output.path must name the archive file")
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists; pass --resume to continue it or --force to overwrite")
 
 
 def _take_lock(path: Path) -> ArchiveLock:
