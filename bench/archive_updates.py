@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=int, default=10_000_000, help="prunable weights of the model")
     parser.add_argument("--rounds", type=int, default=50, help="rounds of the larger archive")
-    parser.add_argument("--repeats", type=int, default=5, help="timed updates of each kind (median reported)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed updates of each kind (median reported)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
     args = parser.parse_args()
 

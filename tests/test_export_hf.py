@@ -69,6 +69,7 @@ def write_archive(path, folder, masks, blocks=()):
                                   "achieved_sparsity": 0.5, "kept": kept, "total": sum(m.numel() for m in masks.values())},
                         masks={name: (pack_mask(mask), tuple(mask.shape), int(mask.sum())) for name, mask in masks.items()},
                         layers=[], history=[])
+    archive.close()  # as a run ends: the lock goes with it
     if blocks:
         with h5py.File(path, "a") as file:
             file["rounds/0001"].create_dataset("blocks", data=np.array(list(blocks), dtype=BLOCKS_DTYPE))
@@ -161,9 +162,12 @@ def test_the_export_is_measured_and_recorded(pruned_llama):
 def test_a_tied_head_a_wrong_shape_and_a_missing_block_file_are_refused_and_nothing_is_written(llm_folder, tmp_path):
     folder = llm_folder("gpt2")  # ties lm_head.weight to the embeddings: the folder stores one of them
     tensors = folder_tensors(folder)
+    # A mask of a tensor the folder lacks, or of another shape, does not match the archive's own plan
+    # (its /model/params are the folder's tensors): the archive is refused before the folder is read.
     cases = {
-        "does not store": {"lm_head.weight": torch.ones(len(tensors["transformer.wte.weight"]), 32, dtype=torch.bool)},
-        "of shape": {"transformer.h.0.mlp.c_fc.weight": torch.ones(3, 3, dtype=torch.bool)},
+        "which /model/params does not plan": {"lm_head.weight": torch.ones(len(tensors["transformer.wte.weight"]), 32,
+                                                                            dtype=torch.bool)},
+        "has shape 3x3, where /model/params plans": {"transformer.h.0.mlp.c_fc.weight": torch.ones(3, 3, dtype=torch.bool)},
     }
     for number, (fragment, masks) in enumerate(cases.items()):
         archive = write_archive(tmp_path / f"run{number}.h5", folder, masks)
@@ -224,7 +228,7 @@ def test_a_bert_run_of_the_pipeline_exports_in_every_format_without_image_flops(
         assert math.isnan(report.flops) and math.isnan(report.accuracy) and report.nonzero_parameters < report.parameters
     export(archive, fmt="hf", out=tmp_path / "bert-hf")
     model = BertModel.from_pretrained(tmp_path / "bert-hf", local_files_only=True)
-    state = load_state_file(tmp_path / "bert.states" / "round-0001.safetensors")
+    state = load_state_file(tmp_path / "bert.h5.states" / "round-0001.safetensors")
     for name, tensor in model.state_dict().items():
         if name in state:
             assert torch.equal(bits(tensor), bits(state[name])), name

@@ -134,7 +134,9 @@ def _same_file(descriptor: int, path: Path) -> bool:
 
 def _write_holder(descriptor: int) -> None:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    command = " ".join(["hpcprune", *sys.argv[1:2]])  # prune, export: what holds the archive
+    program = Path(sys.argv[0])
+    name = program.parent.name if program.name == "__main__.py" else program.name  # python -m hpcprune
+    command = " ".join([name, *sys.argv[1:2]])  # "hpcprune prune", "hpcprune export": what holds the archive
     line = f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})\n".encode()
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, line, 0)

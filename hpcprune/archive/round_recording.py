@@ -118,9 +118,12 @@ class RoundRecording:
         layout.commit(file, group)
 
     def _refuse_complete(self, index: int) -> None:
-        """A complete round is never written again (its part files are never replaced)."""
-        if index in self.completed_rounds():
-            raise ValueError(f"round {index} is already complete in {self.path}")
+        """A complete round is never written again (its part files are never replaced). Looks at that
+        round alone: a check that read every round would make each update cost the archive's rounds."""
+        with open_h5(self.file, "r") as file:
+            group = file.get(f"rounds/{round_name(index)}")
+            if group is not None and group.attrs.get("status") == "complete":
+                raise ValueError(f"round {index} is already complete in {self.path}")
 
 
 @contextlib.contextmanager
