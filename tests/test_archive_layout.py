@@ -3,6 +3,7 @@ writer at a time, leftovers of killed writers removed, and the archive checked a
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import h5py
 import pytest
 import torch
 
+from hpcprune.archive.blocks import BlockRecords, recorded_blocks, round_tables
 from hpcprune.archive.codec import pack_mask
 from hpcprune.archive.reader import open_archive
 from hpcprune.archive.writer import Archive
@@ -22,6 +24,8 @@ from tests.helpers import ROOT, damage
 from tests.test_archive import (
     BIG,
     PRUNABLE,
+    SHAPES,
+    config_yaml,
     create,
     random_masks,
     round_attrs,
@@ -181,13 +185,19 @@ def test_an_archive_that_does_not_match_its_table_of_contents_is_refused_on_open
         open_archive(path)
 
 
-def test_a_mask_whose_shape_was_edited_is_refused_before_it_is_read(run):
+def test_a_mask_whose_shape_was_edited_is_refused_on_open_in_the_last_round_and_on_read_in_others(run):
+    """Every reader opens the archive first: none gets past an edited mask of the last complete round
+    (not even one that reads no mask, like `inspect`); an earlier round's is refused before it is read."""
     path, _ = run
     damage(path, "shape", 2)
-    reader = open_archive(path)  # the table of contents is intact: only that mask's dataset is wrong
-    assert reader.read_masks(1)
     with pytest.raises(UsageError, match="round 2: mask fc1.weight has shape 7x301, where /model/params plans 301x7"):
-        list(reader.iter_packed_masks(2))
+        open_archive(path)
+    damage(path, "shape", 2)  # transposed back
+    damage(path, "shape", 1)
+    reader = open_archive(path)
+    assert reader.read_masks(2)
+    with pytest.raises(UsageError, match="round 1: mask fc1.weight has shape 7x301, where /model/params plans 301x7"):
+        list(reader.iter_packed_masks(1))
 
 
 def test_a_format_1_archive_is_read_and_resumed(run, tmp_path):
@@ -255,3 +265,68 @@ def test_the_update_of_a_killed_run_leaves_the_archive_readable_and_its_lock_fre
     archive.close()
     assert torch.equal(open_archive(path).read_masks(1)["big.weight"], random_masks(1, BIG)["big.weight"])
 
+
+
+# --- a block-sequential round: one step per block --------------------------------------------------------
+
+BLOCKS = [["fc1.weight", "conv.0.weight"], ["block/odd.weight", "empty.weight"]]
+
+
+def block_archive(path, *, force: bool = False) -> BlockRecords:
+    params = [(name, shape, name in PRUNABLE) for name, shape in SHAPES.items()]
+    archive = BlockRecords.create(path, config_yaml=config_yaml(), model_name="tiny", params=params, world_size=1,
+                                  backend="single", force=force)
+    archive.begin(1, dict(criterion="wanda", rule="row", target_sparsity=0.5, achieved_sparsity=math.nan, kept=0,
+                          total=0, threshold=None))
+    return archive
+
+
+def record(archive: BlockRecords, block: int, masks) -> None:
+    archive.record_block(1, block, seconds=0.1, weights_file="", errors={name: 0.25 for name in BLOCKS[block]},
+                         masks={name: packed(masks)[name] for name in BLOCKS[block]})
+
+
+def test_a_block_sequential_round_is_recorded_a_block_per_step_and_held_to_its_tables(tmp_path):
+    path = tmp_path / "run.h5"
+    masks = random_masks(6)
+    archive = block_archive(path)
+    record(archive, 0, masks)
+    assert [row["block"] for row in recorded_blocks(path, 1)] == [0]
+    assert [part.name for part in archive.side.masks.iterdir()] == ["round-0001.part-0000.h5"]
+    with pytest.raises(ValueError, match="block 0 is already recorded"):
+        record(archive, 0, masks)
+    with pytest.raises(ValueError, match="no mask recorded for block/odd.weight"):
+        archive.finish(1, dict(kept=1))
+    archive.close()
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path, damaged, ignore=shutil.ignore_patterns("damaged"))
+    damage(damaged / "run.h5", "mask", 1, "conv.0.weight")  # a recorded block lost one of its masks
+    with pytest.raises(UsageError, match="round 1 has no mask of conv.0.weight"):
+        open_archive(damaged / "run.h5")
+
+    resumed = BlockRecords.open_resume(path, config_yaml=open_archive(path).config_yaml, world_size=1)
+    record(resumed, 1, masks)
+    resumed.finish(1, dict(kept=sum(int(mask.sum()) for mask in masks.values()), blocks=2))
+    resumed.close()
+    reader = open_archive(path)
+    assert reader.rounds()[0]["status"] == "complete" and reader.rounds()[0]["blocks"] == 2
+    assert all(torch.equal(reader.read_masks(1)[name], masks[name]) for name in masks)
+    assert [row["name"] for row in round_tables(path, 1)["reconstruction"]] == BLOCKS[0] + BLOCKS[1]
+
+
+def test_a_forced_block_sequential_run_replaces_the_old_archive_at_its_first_block(tmp_path):
+    path = tmp_path / "run.h5"
+    old = block_archive(path)
+    for block in (0, 1):
+        record(old, block, random_masks(7))
+    old.finish(1, dict(kept=1))
+    old.close()
+    before = path.read_bytes()
+    new = block_archive(path, force=True)  # begun: still under its temporary name
+    assert path.read_bytes() == before and new.side.generation == 2
+    record(new, 0, random_masks(8))
+    reader = open_archive(path)
+    assert reader.side.generation == 2 and [row["block"] for row in reader.blocks(1)] == [0]
+    assert not (tmp_path / "run.h5.masks").exists()  # the replaced run's parts went with it
+    new.close()

@@ -29,6 +29,8 @@ from hpcprune.prune.sequential.layers import BlockLayer
 from hpcprune.prune.sequential.methods import METHODS, LayerRule
 from hpcprune.prune.sequential.pieces import block_pieces
 from hpcprune.prune.sparsegpt import ROW_TILE
+from hpcprune.read.diff import diff
+from hpcprune.read.report import write_report
 from hpcprune.read.summary import render_summary, summary
 from hpcprune.run.pipeline import run
 from tests.helpers import CONFIGS, archive_masks, assert_same_masks, run_cli
@@ -81,7 +83,7 @@ def test_wanda_prunes_every_row_exactly_and_the_round_records_each_block(tiny_fo
     assert attrs["status"] == "complete" and attrs["eval_metric"] == "perplexity" and math.isnan(attrs["threshold"])
     assert attrs["eval_dense"] == result.eval_dense and attrs["eval_pruned"] == result.eval_pruned
     assert 100 < result.eval_dense < 1000 and result.eval_pruned != result.eval_dense  # random: ~ the 384-token vocabulary
-    assert not (tmp_path / "wanda.states" / "activations").exists()
+    assert not (tmp_path / "wanda.h5.states" / "activations").exists()
 
     facts = summary(out)  # what `hpcprune inspect` shows of it
     assert facts["sequential"]["eval"] == {"metric": "perplexity", "dense": result.eval_dense, "pruned": result.eval_pruned}
@@ -144,6 +146,13 @@ def test_wanda_reconstructs_the_layers_better_than_magnitude(tiny_folders, tmp_p
     assert errors["wanda"].mean() < 0.5 * errors["magnitude"].mean()
     assert (errors["wanda"] < errors["magnitude"]).mean() > 0.8
 
+    # `hpcprune inspect diff` and `hpcprune report` read the block-sequential archives like any other
+    compared = diff(tmp_path / "wanda.h5", tmp_path / "magnitude.h5")
+    assert [t["name"] for t in compared["tensors"]] == [row["name"] for row in round_tables(out, 1)["metrics"]]
+    assert not compared["identical"] and 0 < compared["jaccard"] < 1
+    write_report(tmp_path / "wanda.h5", tmp_path / "wanda.html")
+    assert "perplexity" in (tmp_path / "wanda.html").read_text()
+
 
 def test_sparsegpt_reconstructs_the_layers_better_than_wanda(tiny_folders, tmp_path):
     """Same masks' freedom, plus the OBS update of the kept weights: a smaller error in every layer."""
@@ -168,7 +177,7 @@ def test_sparsegpt_exports_its_updated_weights_to_a_folder_transformers_loads(ti
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     dense = dict(AutoModelForCausalLM.from_pretrained(tiny_folders.llama, dtype=torch.float32).named_parameters())
     parameters = dict(model.named_parameters())
-    shards = sorted((tmp_path / "sparsegpt.states" / "blocks").glob("block-*.safetensors"))
+    shards = sorted((tmp_path / "sparsegpt.h5.states" / "blocks").glob("block-*.safetensors"))
     updated = {name: tensor for shard in shards for name, tensor in load_file(shard).items()}
     masks = bool_masks(out, shapes_of(out))
     assert len(shards) == 3 and set(updated) == set(masks)
@@ -276,9 +285,9 @@ def test_activations_spilled_to_disk_give_the_same_masks_and_are_cleaned_up(tiny
     assert folders and all(folder is None for folder in folders)
     folders.clear()
     prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "spilled.h5", "sequential.activation_budget_mb=0.01")
-    assert folders and all(folder is not None and "spilled.states/activations/rank-0" in str(folder) for folder in folders)
+    assert folders and all(folder is not None and "spilled.h5.states/activations/rank-0" in str(folder) for folder in folders)
     assert_same_masks(tmp_path / "spilled.h5", tmp_path / "memory.h5")
-    assert not (tmp_path / "spilled.states" / "activations" / "rank-0").exists()
+    assert not (tmp_path / "spilled.h5.states" / "activations" / "rank-0").exists()
 
 
 def test_dense_propagation_calibrates_later_blocks_on_the_dense_activations(tiny_folders, tmp_path):

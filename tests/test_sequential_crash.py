@@ -135,5 +135,5 @@ def test_sigusr1_stops_at_the_next_block_and_resume_gives_the_uninterrupted_run(
     resumed = launch([sys.executable, "-m", "hpcprune", "prune", *sequential_args(tiny_folders, out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert run_facts(out) == run_facts(tmp_path / "a.h5")
-    shutil.rmtree(tmp_path / "b.states", ignore_errors=True)
+    shutil.rmtree(tmp_path / "b.h5.states", ignore_errors=True)
 

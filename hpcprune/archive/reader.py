@@ -13,7 +13,7 @@ archive) and format 2 (masks in part files, linked) read the same: h5py follows 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +69,24 @@ class ArchiveReader:
         """The round's masks as bool tensors (True = keep), in the plan's tensor order."""
         return {name: unpack_mask(packed, shape) for name, (packed, shape) in self._packed(index).items()}
 
-    def read_packed_masks(self, index: int) -> dict[str, np.ndarray]:
-        """The round's masks as stored: np.packbits of the flat bool mask (numel/8 bytes each)."""
-        return {name: packed for name, (packed, _) in self._packed(index).items()}
+    def read_packed_masks(self, index: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The round's masks as stored: np.packbits of the flat bool mask (numel/8 bytes each); only
+        those of `names` when given (a block of a round recorded block by block)."""
+        return {name: packed for name, packed, _ in self.iter_packed_masks(index, names)}
 
     def _packed(self, index: int) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
         return {name: (packed, shape) for name, packed, shape in self.iter_packed_masks(index)}
 
-    def iter_packed_masks(self, index: int) -> Iterator[tuple[str, np.ndarray, tuple[int, ...]]]:
-        """(name, packed bits, shape) of the round's masks in plan order, one read at a time; every
-        mask's dataset is checked against the plan before the first one is read."""
+    def iter_packed_masks(self, index: int, names: Sequence[str] | None = None
+                          ) -> Iterator[tuple[str, np.ndarray, tuple[int, ...]]]:
+        """(name, packed bits, shape) of the round's masks in plan order (or of `names`, in their order),
+        one read at a time; every mask's dataset is checked against the plan before the first one is read."""
         links = self._mask_links(index)
+        if names is not None:
+            absent = [name for name in names if name not in links]
+            if absent:
+                raise UsageError(f"{self.path} is damaged: round {index} has no mask of {absent[0]}")
+            links = {name: links[name] for name in names}
         with open_checked(self.path) as file:
             masks = self._group(file, index)["masks"]
             for tensor, (key, shape) in links.items():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,17 @@ class RoundRecording:
         """One step of a round recorded in several (a block's tensors, say): the masks go into a part of
         their own, then one update links them into round `index` (begun, "writing", by the first step).
         Each step is whole or absent after a kill; `finish_round` completes the round."""
+        self._record_step(index, masks, progress=progress)
+
+    def _record_step(self, index: int, masks: Masks, *, step: int | None = None, progress: bool = False,
+                     also: Callable[[h5py.Group], None] | None = None) -> None:
+        """`add_masks` with the part's number `step` (default: one more than the round's parts so far)
+        and `also(round group)` for whatever else the step adds to the archive in the same update."""
         self._refuse_complete(index)
-        with open_h5(self.file, "r") as file:
-            group = file.get(f"rounds/{round_name(index)}")
-            step = len(linked_parts(group["masks"])) if group is not None and "masks" in group else 0
+        if step is None:
+            with open_h5(self.file, "r") as file:
+                group = file.get(f"rounds/{round_name(index)}")
+                step = len(linked_parts(group["masks"])) if group is not None and "masks" in group else 0
         part = self.side.mask_part(index, step)
         tensors = write_part(part, masks, round_index=index, progress=progress)
         with _unlinked_on_failure(part), self._update() as file:
@@ -87,6 +94,8 @@ class RoundRecording:
             if twice:
                 raise ValueError(f"round {index}: mask {twice[0]} is recorded already")
             link_masks(group["masks"], self._relative(part), tensors)
+            if also is not None:
+                also(group)
             file.flush()
 
     def masks_recorded(self, index: int) -> list[str]:
@@ -103,10 +112,7 @@ class RoundRecording:
         started = time.perf_counter()
         with self._update() as file:
             group = file.get(f"rounds/{round_name(index)}")
-            linked = set() if group is None or "masks" not in group else set(group["masks"])
-            missing = [tensor for tensor in layout.planned_tensors(file) if escape_name(tensor) not in linked]
-            if missing:
-                raise ValueError(f"round {index}: no mask recorded for {missing[0]} ({len(missing)} missing)")
+            refuse_missing_masks(file, group, index)
             self._finish(file, group, attrs, layers, history, started)
         self.replace_previous_run()
 
@@ -124,6 +130,14 @@ class RoundRecording:
             group = file.get(f"rounds/{round_name(index)}")
             if group is not None and group.attrs.get("status") == "complete":
                 raise ValueError(f"round {index} is already complete in {self.path}")
+
+
+def refuse_missing_masks(file: h5py.File, group: h5py.Group | None, index: int) -> None:
+    """A round is completed only once every planned tensor has its mask linked."""
+    linked = set() if group is None or "masks" not in group else set(group["masks"])
+    missing = [tensor for tensor in layout.planned_tensors(file) if escape_name(tensor) not in linked]
+    if missing:
+        raise ValueError(f"round {index}: no mask recorded for {missing[0]} ({len(missing)} missing)")
 
 
 @contextlib.contextmanager

@@ -40,7 +40,11 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from hpcprune.archive.atomic import check_output_path, refuse_own_input, replace_atomically
+from hpcprune.archive.atomic import (
+    check_output_path,
+    refuse_own_input,
+    replace_atomically,
+)
 from hpcprune.archive.reader import open_archive, refuse_writing_over
 from hpcprune.archive.writer import Archive
 from hpcprune.config import CHECKPOINT_MODEL

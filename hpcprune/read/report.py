@@ -4,7 +4,8 @@
 
 The page needs nothing but a browser: the figures are PNGs embedded as base64 data URIs, the style
 is inline, and there is no script. Its tables are the ones `hpcprune inspect` prints (summary, and
-the last round's layers with their score statistics); its figures are `hpcprune inspect plot`'s.
+the last round's layers with their score statistics, and a block-sequential run's evaluation and
+blocks); its figures are `hpcprune inspect plot`'s.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from hpcprune.archive.atomic import refuse_existing, replace_atomically
 from hpcprune.archive.reader import open_archive, refuse_writing_over
 from hpcprune.read.plots import figures
+from hpcprune.read.sequential_summary import render_sequential
 from hpcprune.read.summary import (
     event_table,
     layer_table,
@@ -27,6 +29,7 @@ from hpcprune.read.summary import (
     round_table,
     score_verdict,
     summary,
+    table,
 )
 
 STYLE = """
@@ -84,6 +87,9 @@ def _page(facts: dict[str, Any], last: dict[str, Any] | None, images: dict[str, 
         parts += ["<h2>Events</h2>", _html_table(*event_table(facts), {0, 1, 2})]
     parts.append("<h2>Rounds</h2>")
     parts.append(_html_table(*round_table(facts), {1, 2}) if facts["rounds"] else "<p>No complete round.</p>")
+    if facts.get("sequential"):  # schedule sequential: perplexity (or cosine), dense and pruned; the blocks
+        lines = render_sequential(facts["sequential"], table, percent, number)
+        parts += ["<h2>Block by block</h2>", f"<pre>{_text(chr(10).join(lines))}</pre>"]
     if last is not None:
         parts.append(f"<h2>Layers of round {last['round']}</h2>")
         parts.append(_html_table(*layer_table(last["layers"]), {0, 1}))

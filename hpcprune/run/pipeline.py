@@ -50,7 +50,7 @@ def run(config: RunConfig, world: World, *, resume: bool = False, force: bool = 
     # is raised on all of them, before anything is written (hpcprune.dist.failures).
     job = agreed(world, lambda: _job(config, world))
     refuse_shared_gpus(world, job.device)
-    with holding_archive(job):  # rank 0 holds the archive's lock from here to the end of the run
+    with holding_archive(world, job.path):  # rank 0 holds the archive's lock from here to the end of the run
         point = open_run_archive(job, resume=resume, force=force)
         job.saved_training = SavedTraining(**point.training) if point.training else None
         dense_accuracy = dense_model(job, point) if job.model is not None else math.nan

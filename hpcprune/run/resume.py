@@ -58,22 +58,23 @@ def open_run_archive(job: Job, *, resume: bool, force: bool) -> ResumePoint:
 
 
 @contextlib.contextmanager
-def holding_archive(job: Job) -> Iterator[None]:
-    """Rank 0 holds the archive until the run ends, then lets it go (a --force run that never got to
-    replace the old archive leaves no trace). A run stopped to be requeued keeps it: the signal
-    handler (`hpcprune.dist.signals.exits_when_preempted`) records the stop first, then lets it go."""
+def holding_archive(world: World, path: Path) -> Iterator[None]:
+    """Rank 0 holds the archive at `path` until the run ends, then lets it go (a --force run that
+    never got to replace the old archive leaves no trace). A run stopped to be requeued keeps it: the
+    signal handler (`hpcprune.dist.signals.exits_when_preempted`) records the stop first, then lets
+    it go. Both pipelines run inside it (this one, and `hpcprune.run.sequential`)."""
     try:
         yield
     except Preempted:
         raise
     except BaseException:
-        _let_go(job)
+        _let_go(world, path)
         raise
-    _let_go(job)
+    _let_go(world, path)
 
 
-def _let_go(job: Job) -> None:
-    archive = Archive.held(job.path) if job.world.is_root else None
+def _let_go(world: World, path: Path) -> None:
+    archive = Archive.held(path) if world.is_root else None
     if archive is not None:
         archive.close()
 

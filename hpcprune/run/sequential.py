@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcprune.archive.blocks import BlockRecords, round_tables
+from hpcprune.archive.blocks import round_tables
+from hpcprune.archive.writer import Archive
 from hpcprune.config import RunConfig
 from hpcprune.dist.signals import stop_here
 from hpcprune.dist.world import World
@@ -38,14 +39,19 @@ from hpcprune.prune.sequential.engine import BlockEngine, pass_stream
 from hpcprune.prune.sequential.layers import block_layers, sequential_plan
 from hpcprune.prune.sequential.methods import LayerRule, block_method
 from hpcprune.run.job import RunResult
+from hpcprune.run.resume import holding_archive
 from hpcprune.run.sequential_archive import (
     ROUND,
+    SequentialPoint,
+    finish_round,
     open_sequential_archive,
     record_block,
     recorded_decisions,
 )
 from hpcprune.run.sequential_eval import Evaluation, evaluate
 from hpcprune.run.sequential_streams import (
+    Streams,
+    TextWindows,
     calibration_text,
     evaluation_text,
     first_block_inputs,
@@ -61,16 +67,31 @@ def run_sequential(config: RunConfig, world: World, *, resume: bool = False, for
     lazy = LazyModel(config.model.name, config.model.blocks, device)
     plan = sequential_plan(lazy.blocks, lazy.blocks_path, config.prune)
     calibration, evaluation = calibration_text(config, lazy), evaluation_text(config, lazy)
-    point = open_sequential_archive(config, world, lazy, plan, resume=resume, force=force)
-    if point.complete is not None:  # resumed after the end: the recorded figures
-        attrs = point.complete
-        return _result(config, plan, int(attrs["kept"]), Evaluation(attrs["eval_metric"], attrs["eval_dense"],
-                                                                     attrs["eval_pruned"]))
-    log.info("%s: %d blocks at %s, %d prunable weights; %s %s to %.2f %%", config.model.name, len(lazy),
-             lazy.blocks_path, plan.total, config.prune.criterion, config.prune.rule, 100 * config.prune.sparsity)
+    with holding_archive(world, Path(config.output.path)):  # rank 0 holds the archive from here to the end
+        point = open_sequential_archive(config, world, lazy, plan, resume=resume, force=force)
+        if point.complete is not None:  # resumed after the end: the recorded figures
+            attrs = point.complete
+            return _result(config, plan, int(attrs["kept"]), Evaluation(attrs["eval_metric"], attrs["eval_dense"],
+                                                                         attrs["eval_pruned"]))
+        log.info("%s: %d blocks at %s, %d prunable weights; %s %s to %.2f %%", config.model.name, len(lazy),
+                 lazy.blocks_path, plan.total, config.prune.criterion, config.prune.rule, 100 * config.prune.sparsity)
+        runner = BlockRunner(device)
+        streams = first_block_inputs(config, lazy, world, calibration, evaluation, Path(point.states))
+        _run_blocks(config, world, lazy, plan, streams, runner, point, calibration)
 
-    runner = BlockRunner(device)
-    streams = first_block_inputs(config, lazy, world, calibration, evaluation)
+        started = time.perf_counter()
+        figures = evaluate(lazy, streams.eval_dense, streams.eval_pruned,
+                           len(evaluation) if evaluation is not None else 0, world, runner)
+        streams.remove()
+        kept = _finish(config, world, plan, figures, time.perf_counter() - started)
+    log.info("%s: sparsity %.4f %%, %s dense %.4g, pruned %.4g", config.output.path, 100 * (1 - kept / plan.total),
+             figures.metric, figures.dense, figures.pruned)
+    return _result(config, plan, kept, figures)
+
+
+def _run_blocks(config: RunConfig, world: World, lazy: LazyModel, plan: Plan, streams: Streams, runner: BlockRunner,
+                point: SequentialPoint, calibration: TextWindows | None) -> None:
+    """Every block in turn: pruned and recorded, or, recorded before, replayed from the archive."""
     engine = BlockEngine(block_method(config), LayerRule.of(config.prune), world, runner,
                          streams.calibration, len(calibration) if calibration is not None else 0,
                          config.sequential.propagate)
@@ -97,29 +118,18 @@ def run_sequential(config: RunConfig, world: World, *, resume: bool = False, for
             log.info("block %d/%d %s in %.2f s", index + 1, len(lazy), "replayed" if index in recorded else "pruned",
                      time.perf_counter() - started)
 
-    started = time.perf_counter()
-    figures = evaluate(lazy, streams.eval_dense, streams.eval_pruned, len(evaluation) if evaluation is not None else 0,
-                       world, runner)
-    streams.remove()
-    kept = _finish(config, world, plan, figures, time.perf_counter() - started)
-    log.info("%s: sparsity %.4f %%, %s dense %.4g, pruned %.4g", path, 100 * (1 - kept / plan.total), figures.metric,
-             figures.dense, figures.pruned)
-    return _result(config, plan, kept, figures)
-
 
 def _finish(config: RunConfig, world: World, plan: Plan, figures: Evaluation, seconds_eval: float) -> int:
     """Rank 0 completes the round from its tables; every rank learns the kept count."""
     kept = 0
     if world.is_root:
-        path = Path(config.output.path)
-        tables = round_tables(path, ROUND)
+        tables = round_tables(Archive.held(config.output.path).file, ROUND)
         kept = sum(int(row["kept"]) for row in tables["metrics"])
-        BlockRecords(path).finish(ROUND, dict(
+        finish_round(config, dict(
             achieved_sparsity=1.0 - kept / plan.total, kept=kept, eval_metric=figures.metric,
             eval_dense=figures.dense, eval_pruned=figures.pruned, blocks=len(tables["blocks"]),
             seconds_select=sum(row["seconds"] for row in tables["blocks"]), seconds_eval=seconds_eval,
-            seconds_finetune=0.0))
-        BlockRecords(path).record_event("finish", f"{len(tables['blocks'])} blocks, {kept} of {plan.total} weights kept")
+            seconds_finetune=0.0), f"{len(tables['blocks'])} blocks, {kept} of {plan.total} weights kept")
     kept = int(world.allreduce_sum(np.array([kept], dtype=np.int64))[0])
     world.barrier()
     return kept

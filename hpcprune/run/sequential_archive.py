@@ -3,11 +3,13 @@
     hpcprune prune --config configs/llm_wanda.yaml --resume     # continues at the first unrecorded block
 
 Rank 0 creates the archive (config, the model's parameter table from the skeleton, round 1 begun)
-or reopens it to resume, and tells every rank which blocks are recorded (`SequentialPoint`). After
+or reopens it to resume, holds it until the run ends (`hpcprune.run.resume.holding_archive`), and
+tells every rank which blocks are recorded and where the run's states folder is (`SequentialPoint`);
+a refusal (the archive in use, a different config, a damaged archive) is raised on every rank. After
 each block it writes the block's updated weights, if the method changed any, to
-`<archive stem>.states/blocks/block-<NNNN>.safetensors` (written whole or not at all), then the
-block's masks and rows (hpcprune.archive.blocks). On resume, a recorded block's decisions come back
-from the archive (rank 0 reads the masks and broadcasts them) and from its shard (every rank reads it).
+`<states folder>/blocks/block-<NNNN>.safetensors` (written whole or not at all), then the block's
+masks and rows (hpcprune.archive.blocks). On resume, a recorded block's decisions come back from the
+archive (rank 0 reads the masks and broadcasts them) and from its shard (every rank reads it).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from hpcprune.archive.atomic import replace_atomically
+from hpcprune.archive.atomic import check_output_path, replace_atomically
 from hpcprune.archive.blocks import BlockRecords, read_block_masks, recorded_blocks
 from hpcprune.archive.reader import open_archive
 from hpcprune.archive.wire import MaskMessage
 from hpcprune.archive.writer import Archive, state_path
 from hpcprune.config import RunConfig
+from hpcprune.dist.failures import agreed
 from hpcprune.dist.world import World
 from hpcprune.models.lazy import LazyModel
 from hpcprune.prune.plan import Plan
@@ -43,29 +46,39 @@ class SequentialPoint:
 
     recorded: list[dict] = field(default_factory=list)  # rows of /rounds/0001/blocks
     complete: dict | None = None  # the round's attrs when the run had already finished
+    states: str = ""  # the run's states folder (hpcprune.archive.side_files): shards, spilled activations
 
 
 def open_sequential_archive(config: RunConfig, world: World, lazy: LazyModel, plan: Plan, *,
                             resume: bool, force: bool) -> SequentialPoint:
-    point = SequentialPoint()
-    path = Path(config.output.path)
-    if world.is_root:
-        where = f"{world.size} rank(s), {world.name} world"
-        if resume and path.exists():
-            archive = Archive.open_resume(path, config_yaml=config.to_yaml(), world_size=world.size)
-            complete = [attrs for attrs in open_archive(path).rounds() if attrs["index"] == ROUND]
-            point = SequentialPoint(recorded_blocks(path, ROUND), complete[0] if complete else None)
-            log.info("resuming %s after %d of %d blocks", path, len(point.recorded), len(lazy))
-            archive.record_event("resume", f"after {len(point.recorded)} of {len(lazy)} blocks on {where}")
-        else:
-            archive = Archive.create(path, config_yaml=config.to_yaml(), model_name=config.model.name,
-                                     params=_param_table(lazy, plan), world_size=world.size, backend=world.name,
-                                     force=force)
-            archive.record_event("start", where)
-        if point.complete is None:
-            BlockRecords(path).begin(ROUND, _initial_attrs(config, plan))
+    """Rank 0 creates or reopens the archive and holds it; every rank learns the point, or the refusal."""
+    point = agreed(world, lambda: _open_on_root(config, world, lazy, plan, resume=resume, force=force)
+                   if world.is_root else None)
     shared = world.broadcast_bytes(json.dumps(asdict(point)).encode() if world.is_root else None)
     return SequentialPoint(**json.loads(shared))
+
+
+def _open_on_root(config: RunConfig, world: World, lazy: LazyModel, plan: Plan, *, resume: bool,
+                  force: bool) -> SequentialPoint:
+    path = Path(config.output.path)
+    check_output_path(path, state_path(path, "dense"))
+    where = f"{world.size} rank(s), {world.name} world"
+    if resume and path.exists():
+        archive = BlockRecords.open_resume(path, config_yaml=config.to_yaml(), world_size=world.size)
+        complete = [attrs for attrs in open_archive(path).rounds() if attrs["index"] == ROUND]
+        point = SequentialPoint(recorded_blocks(path, ROUND), complete[0] if complete else None)
+        log.info("resuming %s after %d of %d blocks", path, len(point.recorded), len(lazy))
+        archive.record_event("resume", f"after {len(point.recorded)} of {len(lazy)} blocks on {where}")
+    else:
+        archive = BlockRecords.create(path, config_yaml=config.to_yaml(), model_name=config.model.name,
+                                      params=_param_table(lazy, plan), world_size=world.size, backend=world.name,
+                                      force=force)
+        archive.record_event("start", where)
+        point = SequentialPoint()
+    if point.complete is None:
+        archive.begin(ROUND, _initial_attrs(config, plan))
+    point.states = str(archive.side.states.absolute())
+    return point
 
 
 def _param_table(lazy: LazyModel, plan: Plan) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -82,10 +95,10 @@ def _initial_attrs(config: RunConfig, plan: Plan) -> dict:
 def record_block(config: RunConfig, index: int, layers: list[BlockLayer], decisions: BlockDecisions,
                  errors: dict[str, float], seconds: float) -> None:
     """Rank 0: the block's shard (if weights changed), then its masks and rows in one archive update."""
-    path = Path(config.output.path)
+    archive = _held(config)
     weights_file = ""
     if decisions.weights:
-        shard = block_shard(path, index)
+        shard = block_shard(archive.side.states, index)
         with replace_atomically(shard) as temporary:
             save_file(decisions.weights, str(temporary))
         weights_file = str(shard.absolute())
@@ -93,12 +106,28 @@ def record_block(config: RunConfig, index: int, layers: list[BlockLayer], decisi
     for layer in layers:
         encoded, kept = decisions.encoded(layer.spec.name)
         masks[layer.spec.name] = (encoded, layer.spec.shape, kept)
-    BlockRecords(path).record_block(ROUND, index, seconds=seconds, weights_file=weights_file, masks=masks,
-                                    errors={layer.spec.name: errors[layer.spec.name] for layer in layers})
+    archive.record_block(ROUND, index, seconds=seconds, weights_file=weights_file, masks=masks,
+                         errors={layer.spec.name: errors[layer.spec.name] for layer in layers})
 
 
-def block_shard(archive: Path, index: int) -> Path:
-    return state_path(archive, "x").parent / "blocks" / f"block-{index:04d}.safetensors"
+def block_shard(states: Path, index: int) -> Path:
+    """Where block `index`'s updated weights go, in the run's states folder."""
+    return states / "blocks" / f"block-{index:04d}.safetensors"
+
+
+def _held(config: RunConfig) -> BlockRecords:
+    """Rank 0's archive of this run, held since `open_sequential_archive`."""
+    archive = Archive.held(config.output.path)
+    if not isinstance(archive, BlockRecords):
+        raise RuntimeError(f"{config.output.path} is not held as a block-sequential archive by this process")
+    return archive
+
+
+def finish_round(config: RunConfig, attrs: dict, detail: str) -> None:
+    """Rank 0: the round complete with its final attrs, and the run's "finish" event."""
+    archive = _held(config)
+    archive.finish(ROUND, attrs)
+    archive.record_event("finish", detail)
 
 
 def recorded_decisions(config: RunConfig, world: World, layers: list[BlockLayer], row: dict) -> BlockDecisions:

@@ -6,7 +6,7 @@ Every rank tokenizes the texts the same way (hpcprune.models.text_windows) and t
 with w mod world size == rank: calibration windows for the statistics, evaluation windows twice
 (once through the dense blocks, once through the pruned ones). The model's own forward then runs
 each window up to the first block (the embeddings, loaded only for this) and what the block is
-called with is kept: hidden states in a store (memory, or spilled beside the archive when the
+called with is kept: hidden states in a store (memory, or spilled into the run's states folder when the
 estimate exceeds `sequential.activation_budget_mb`), the call's other arguments in memory, equal
 tensors of different windows shared.
 """
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from hpcprune.archive.writer import state_path
 from hpcprune.config import CalibrationConfig, RunConfig
 from hpcprune.dist.world import World
 from hpcprune.models.block_calls import capture_first_call, moved, share_equal
@@ -104,9 +103,10 @@ class Streams:
 
 
 def first_block_inputs(config: RunConfig, lazy: LazyModel, world: World, calibration: TextWindows | None,
-                       evaluation: TextWindows | None) -> Streams:
-    """The rank's streams, each window run by the model up to its first block."""
-    folder = _spill_folder(config, lazy, world, calibration, evaluation)
+                       evaluation: TextWindows | None, states: Path) -> Streams:
+    """The rank's streams, each window run by the model up to its first block; spilled hidden states go
+    into `states`, the run's states folder."""
+    folder = _spill_folder(config, lazy, world, calibration, evaluation, states)
     streams = Streams(
         _stream("calibration", calibration, world, folder),
         _stream("eval_dense", evaluation, world, folder),
@@ -137,7 +137,7 @@ def _stream(name: str, text: TextWindows | None, world: World, folder: Path | No
 
 
 def _spill_folder(config: RunConfig, lazy: LazyModel, world: World, calibration: TextWindows | None,
-                  evaluation: TextWindows | None) -> Path | None:
+                  evaluation: TextWindows | None, states: Path) -> Path | None:
     """The rank's spill folder when its windows' hidden states would exceed the budget, else None."""
     hidden = getattr(lazy.model.config, "hidden_size", None)
     if hidden is None:
@@ -151,4 +151,4 @@ def _spill_folder(config: RunConfig, lazy: LazyModel, world: World, calibration:
         length = max(length, evaluation.ids.shape[1])
     if not spills(length * hidden * FLOAT32_BYTES, held, config.sequential.activation_budget_mb):
         return None
-    return activation_folder(state_path(config.output.path, "x").parent, world.rank)
+    return activation_folder(states, world.rank)
