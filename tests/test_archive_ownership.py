@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -124,12 +125,32 @@ def oneshot_references(tmp_path_factory) -> dict[str, Path]:
     return references
 
 
-def test_two_writers_started_together_one_runs_and_the_other_is_refused_ten_times(tmp_path, oneshot_references):
-    out = tmp_path / "run.h5"
+@pytest.fixture(scope="module")
+def unfinished_oneshot(tmp_path_factory, oneshot_references) -> Path:
+    """ONESHOT at sparsity 0.5, killed before its round was complete: what two resumes race to continue."""
+    out = tmp_path_factory.mktemp("unfinished") / "run.h5"
+    command = [sys.executable, "-m", "tests.crash_points", "prune", "--config", ONESHOT, "--out", str(out), "-q",
+               "--set", "prune.sparsity=0.5"]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=mpi_env(HPCPRUNE_TEST_KILL="commit:1"))
+    assert killed.returncode == -9, killed.stderr
+    assert open_archive(out).rounds() == []
+    return out
+
+
+@pytest.mark.parametrize("flag", ["--force", "--resume"])
+def test_two_writers_started_together_one_runs_and_the_other_is_refused_ten_times(tmp_path, oneshot_references,
+                                                                                unfinished_oneshot, flag):
+    """Two `--force` runs of different configs, or two `--resume` of an unfinished run, started together."""
     winners = []
     for attempt in range(10):
         release = tmp_path / f"release-{attempt}"
-        writers = {held_run(out, release, f"prune.sparsity={sparsity}"): sparsity for sparsity in ("0.5", "0.8")}
+        if flag == "--force":
+            out = tmp_path / "run.h5"
+            writers = {held_run(out, release, f"prune.sparsity={sparsity}"): sparsity for sparsity in ("0.5", "0.8")}
+        else:
+            out = copy_of(unfinished_oneshot, tmp_path / f"attempt-{attempt}")
+            writers = {held_run(out, release, "prune.sparsity=0.5", resume=True): "0.5" for _ in range(2)}
         loser = first_to_end(list(writers))
         (winner,) = [process for process in writers if process is not loser]
         release.touch()
@@ -137,7 +158,8 @@ def test_two_writers_started_together_one_runs_and_the_other_is_refused_ten_time
         winner.communicate(timeout=300)
         lines = errors.strip().splitlines()
         assert loser.returncode == 2 and len(lines) == 1, errors
-        assert lines[0].startswith(f"hpcprune: error: {out} is in use by pid {winner.pid} on "), lines[0]
+        assert lines[0].startswith(f"hpcprune: error: {out} is in use by pid {winner.pid} on {socket.gethostname()} "
+                                   f"since "), lines[0]
         assert winner.returncode == 0
         reader = open_archive(out)  # validates: format, structure against the plan, every mask's shape
         assert reader.attrs["format_version"] == 2
@@ -163,7 +185,7 @@ def test_a_resume_or_an_export_during_a_live_run_is_refused_and_readers_still_re
             done = run_cli(*args)
             lines = done.stderr.strip().splitlines()
             assert done.returncode == 2 and len(lines) == 1, done.stderr
-            assert f"{out} is in use by pid {writer.pid} on " in lines[0]
+            assert f"{out} is in use by pid {writer.pid} on {socket.gethostname()} since " in lines[0]
         assert run_cli("inspect", str(out)).returncode == 0  # readers need no lock
         assert snapshot(tmp_path) == before
     finally:
@@ -229,6 +251,82 @@ def leftovers(out: Path) -> list[str]:
     return stale + [str(path) for path in out.parent.rglob("*.tmp")]
 
 
+# --- a block-sequential run owns its archive the same way ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sequential_run(tiny_folders, tmp_path_factory) -> Path:
+    """A finished block-sequential run of the tiny LLaMA (3 blocks, Wanda 50 %): the archive to replace."""
+    from tests.test_sequential_crash import crash_run as sequential_crash_run
+
+    out = tmp_path_factory.mktemp("sequential") / "llm.h5"
+    done = sequential_crash_run(tiny_folders, out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_a_second_writer_of_a_live_sequential_run_is_refused_naming_it(tiny_folders, tmp_path):
+    """The run holds its archive from the start to the end, between blocks too."""
+    from tests.test_sequential_crash import sequential_args
+
+    out, release = tmp_path / "llm.h5", tmp_path / "release"
+    command = [sys.executable, "-m", "tests.crash_points", "prune", *sequential_args(tiny_folders, out)]
+    writer = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=mpi_env(HPCPRUNE_TEST_HOLD="record_block:1", HPCPRUNE_TEST_HOLD_UNTIL=str(release)))
+    try:
+        wait_until_held(writer, release)  # block 0 recorded, block 1 not begun
+        before = snapshot(tmp_path)
+        for flag in ("--resume", "--force"):
+            done = run_cli("prune", *sequential_args(tiny_folders, out), flag)
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and len(lines) == 1, done.stderr
+            assert lines[0].startswith(f"hpcprune: error: {out} is in use by pid {writer.pid} on "
+                                       f"{socket.gethostname()} since "), lines[0]
+        assert snapshot(tmp_path) == before
+    finally:
+        release.touch()
+        writer.communicate(timeout=300)
+    assert writer.returncode == 0
+    assert open_archive(out).rounds()[0]["blocks"] == 3 and not Path(f"{out}.lock").exists()
+
+
+@pytest.mark.parametrize("kill", ["create:1", "block_forward:1", "write_mask:1"])
+def test_a_forced_sequential_run_killed_before_its_first_block_leaves_the_old_archive_whole(
+        tiny_folders, sequential_run, tmp_path, kill):
+    from tests.test_sequential_crash import crash_run as sequential_crash_run
+    from tests.test_sequential_crash import run_facts
+
+    out = copy_of(sequential_run, tmp_path / "ws")
+    before = snapshot(out.parent)
+    killed = sequential_crash_run(tiny_folders, out, "--force", "--set", "prune.sparsity=0.7", kill=kill)
+    assert killed.returncode == -9, killed.stderr
+    after = snapshot(out.parent)
+    assert {name: digest for name, digest in after.items() if name in before} == before
+    assert run_facts(out) == run_facts(sequential_run)
+    resumed = sequential_crash_run(tiny_folders, out, "--resume")  # the old run, finished: nothing to do
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_facts(out) == run_facts(sequential_run) and leftovers(out) == []
+
+
+def test_a_forced_sequential_run_replaces_the_old_one_once_its_first_block_is_recorded(
+        tiny_folders, sequential_run, tmp_path):
+    from tests.test_sequential_crash import crash_run as sequential_crash_run
+    from tests.test_sequential_crash import run_facts
+
+    reference = tmp_path / "reference" / "llm.h5"
+    assert sequential_crash_run(tiny_folders, reference, "--set", "prune.sparsity=0.7").returncode == 0
+    out = copy_of(sequential_run, tmp_path / "ws")
+    killed = sequential_crash_run(tiny_folders, out, "--force", "--set", "prune.sparsity=0.7", kill="record_block:1")
+    assert killed.returncode == -9, killed.stderr
+    reader = open_archive(out)
+    assert "sparsity: 0.7" in reader.config_yaml and reader.side.masks_name == "llm.h5.masks.2"
+    assert [row["block"] for row in reader.blocks(1)] == [0]
+    assert not (out.parent / "llm.h5.masks").exists()  # the replaced run's files went with it
+    resumed = sequential_crash_run(tiny_folders, out, "--resume", "--set", "prune.sparsity=0.7")
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_facts(out) == run_facts(reference) and leftovers(out) == []
+
+
 # --- a refused export leaves nothing behind -------------------------------------------------------------
 
 
@@ -272,18 +370,41 @@ def test_an_export_whose_record_fails_leaves_no_file(oneshot_references, tmp_pat
 # --- damaged archives are refused ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how, command, finding", [
-    ("round", resume, "round 2 is missing (round 3 is recorded as complete)"),
-    ("mask", lambda ws: ("export", str(ws / "run.h5"), "--format", "masked", "--out", str(ws / "m.safetensors")),
-     "round 3 has no mask of fc1.weight"),
-    ("mask", lambda ws: ("inspect", "layers", str(ws / "run.h5")), "round 3 has no mask of fc1.weight"),
-    ("shape", lambda ws: ("inspect", "masks", str(ws / "run.h5"), "--out", str(ws / "m.safetensors")),
-     "round 3: mask fc1.weight has shape 784x300, where /model/params plans 300x784"),
-    ("shape", resume, "round 3: mask fc1.weight has shape 784x300"),
-])
-def test_an_archive_that_does_not_match_its_own_plan_is_refused(workspace, how, command, finding):
-    damage(workspace / "run.h5", how, 2 if how == "round" else 3)
-    refused(workspace, *command(workspace), fragment=f"{workspace / 'run.h5'} is damaged: {finding}")
+READERS = {  # every command that reads an archive, on a workspace's run.h5
+    "inspect": lambda ws: ["inspect", str(ws / "run.h5")],
+    "layers": lambda ws: ["inspect", "layers", str(ws / "run.h5")],
+    "masks": lambda ws: ["inspect", "masks", str(ws / "run.h5"), "--out", str(ws / "m.safetensors")],
+    "diff": lambda ws: ["inspect", "diff", str(ws / "run.h5"), str(ws / "run.h5")],
+    "plot": lambda ws: ["inspect", "plot", str(ws / "run.h5"), "--out", str(ws / "plots")],
+    "report": lambda ws: ["report", str(ws / "run.h5"), "--out", str(ws / "run.html")],
+    "export": lambda ws: ["export", str(ws / "run.h5"), "--format", "masked", "--out", str(ws / "m.safetensors")],
+}
+DAMAGES = {"round": (2, "round 2 is missing (round 3 is recorded as complete)"),
+           "mask": (3, "round 3 has no mask of fc1.weight"),
+           "shape": (3, "round 3: mask fc1.weight has shape 784x300, where /model/params plans 300x784")}
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_every_reader_refuses_a_damaged_archive_in_one_line(workspace, how, capsys, monkeypatch):
+    """The CLI's entry point in this process (a reader starts in seconds, and there are many)."""
+    from tests.inspect_runs import run_main
+
+    index, finding = DAMAGES[how]
+    damage(workspace / "run.h5", how, index)
+    before = snapshot(workspace)
+    for reader, command in READERS.items():
+        status, _, errors = run_main(command(workspace), capsys, monkeypatch)
+        lines = errors.strip().splitlines()
+        assert status == 2 and len(lines) == 1, (reader, errors)
+        assert lines[0] == f"hpcprune: error: {workspace / 'run.h5'} is damaged: {finding}", (reader, lines[0])
+    assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_resume_of_a_damaged_archive_is_refused_in_one_line(workspace, how):
+    index, finding = DAMAGES[how]
+    damage(workspace / "run.h5", how, index)
+    refused(workspace, *resume(workspace), fragment=f"{workspace / 'run.h5'} is damaged: {finding}")
 
 
 # --- leftovers of killed runs --------------------------------------------------------------------------------
@@ -302,6 +423,19 @@ def test_the_next_run_removes_what_killed_runs_left_of_its_archive_only(workspac
     assert [path for path in ours if path.exists()] == [] and not (workspace / "run.h5.states.2").exists()
     assert all(path.exists() for path in theirs)
     assert archive_masks(workspace / "run.h5", 3)  # the run itself is whole
+
+
+@pytest.mark.parametrize("kill", ["save_state:1", "write_mask:1"])
+def test_a_new_run_over_an_archive_removes_the_temporaries_a_sigkill_left(runs, tmp_path, kill):
+    """Killed mid-write (a state file, a part file under its temporary name), then `--force`: none is left."""
+    out = tmp_path / "ws" / "run.h5"
+    killed = crash_run(out, "--set", "seed=7", kill=kill)
+    assert killed.returncode == -9, killed.stderr
+    assert list(out.parent.rglob("*.tmp")), "the kill left no temporary: the test kills at the wrong moment"
+    done = crash_run(out, "--set", "seed=8", "--force")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(out, runs["8"])
+    assert leftovers(out) == []
 
 
 def test_the_lock_file_holds_the_writer_and_goes_with_it(workspace):
