@@ -49,11 +49,13 @@ def unescape_name(name: str) -> str:
     return name.replace("%2F", "/").replace("%25", "%")
 
 
-def write_part(path: Path, masks: Masks, *, round_index: int, progress: bool = False) -> list[str]:
+def write_part(path: Path, masks: Masks, *, round_index: int, progress: bool = False,
+               total: int | None = None) -> list[str]:
     """Write `masks` (tensor name -> (bits, shape, kept), a mapping or an iterator of pairs) into a
-    new part file at `path`, which appears whole or not at all; returns the tensor names in order."""
+    new part file at `path`, which appears whole or not at all; returns the tensor names in order.
+    `total`: how many an iterator will give (for the progress bar)."""
     entries = masks.items() if isinstance(masks, Mapping) else masks
-    total = len(masks) if isinstance(masks, Mapping) else None
+    total = len(masks) if isinstance(masks, Mapping) else total
     written = []
     with replace_atomically(path) as temporary, h5py.File(temporary, "w", track_order=True) as part:
         part.attrs.update(format=PART_FORMAT, round=round_index)

@@ -49,7 +49,8 @@ class RoundRecording:
         """Record one round whole: its masks into one new part file, then one update that links them,
         adds the tables and marks the round complete. `masks`: tensor name -> (packed uint8 bits or
         their encoded chunks, shape, kept), as a mapping or an iterator of pairs written one at a time.
-        `progress`: a bar over the masks written (when stderr is a terminal).
+        Masks streamed from the ranks come as such an iterator, each written before the next is asked
+        for. `progress`: a bar over the masks written, one per row of `layers` (when stderr is a terminal).
 
         Replaces an incomplete round of the same index (left by a killed run); a complete one is a bug.
         """
@@ -57,7 +58,7 @@ class RoundRecording:
         started = time.perf_counter()
         self._refuse_complete(index)
         part = self.side.mask_part(index, 0)
-        tensors = write_part(part, masks, round_index=index, progress=progress)
+        tensors = write_part(part, masks, round_index=index, progress=progress, total=len(layers))
         with _unlinked_on_failure(part), self._update() as file:
             rounds = file.require_group("rounds")
             if round_name(index) in rounds:
