@@ -27,7 +27,7 @@ class SequentialConfig(Section):
     or of block b dense (every block is calibrated on the dense model's activations)."""
     activation_budget_mb: float = Field(1024.0, gt=0)
     """Per rank: activations of the rank's windows (calibration and evaluation) held in memory up to
-    this many MiB; above it they are spilled to `<archive stem>.states/activations/rank-<r>/`."""
+    this many MiB; above it they are spilled to `<archive>.states/activations/rank-<r>/` (the run's states folder)."""
     threads: int = Field(1, gt=0)
     """torch threads per rank. Fixed by the config, not by the core count, because a matrix product's
     last bits can depend on how many threads share it; the default 1 also keeps ranks on shared
