@@ -77,6 +77,6 @@ def run_pipeline(side: str, method: str, args, work: Path) -> tuple[dict, Path] 
 def clean(work: Path, side: str, method: str) -> None:
     """What a run left in `work` besides its report."""
     stem = work / f"{side}-{method.replace(':', '_')}"
-    for path in (Path(f"{stem}-hf"), stem.with_suffix(".states")):
+    for path in (Path(f"{stem}-hf"), Path(f"{stem}.h5.states"), Path(f"{stem}.h5.masks")):  # the archive's folders
         shutil.rmtree(path, ignore_errors=True)
     stem.with_suffix(".h5").unlink(missing_ok=True)

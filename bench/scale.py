@@ -177,7 +177,8 @@ def masks_equal(first: Path, second: Path) -> bool:
 def remove_run(folder: Path, name: str) -> None:
     for path in (folder / f"{name}.h5", folder / f"{name}.yaml"):
         path.unlink(missing_ok=True)
-    shutil.rmtree(folder / f"{name}.states", ignore_errors=True)
+    for side in ("states", "masks"):  # the archive's own folders (format 2: named after run.h5)
+        shutil.rmtree(folder / f"{name}.h5.{side}", ignore_errors=True)
 
 
 def measured(folder: Path, checkpoint: Path, cache: PageCache, sparsity: float, ranks: int, threads: int | None,
