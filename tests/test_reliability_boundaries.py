@@ -1,6 +1,6 @@
 """User errors caught where the input enters: config, flags, model code, checkpoints, data, output paths.
 
-Every case runs the real CLI beside a finished run (tests.test_reliability_input's `workspace`) and
+Every case runs the real CLI beside a finished run (the `workspace` fixture of tests.finished_run) and
 asserts exit status 2, one `hpcprune: error:` line naming the culprit, and every file unchanged.
 """
 
@@ -16,10 +16,11 @@ from hpcprune.config import ModelConfig
 from hpcprune.models.builders import build_model, save_checkpoint
 from tests import test_reliability_input as inputs
 from tests.helpers import ROOT, complete_rounds, driver, launch, run_cli
-from tests.test_reliability_input import prune_into, refused, snapshot, write_config
+from tests.finished_run import refused, snapshot
+from tests.test_reliability_input import prune_into, write_config
 
-# The folder beside a finished run that every case of tests.test_reliability_input runs in.
-finished_run, workspace, fashion_mnist_copy = inputs.finished_run, inputs.workspace, inputs.fashion_mnist_copy
+# A copy of the data beside the finished run (`workspace`, a conftest fixture), for the data cases.
+fashion_mnist_copy = inputs.fashion_mnist_copy
 
 
 def config_file(folder, text: str):
