@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 
 from hpcprune.archive.codec import unpack_mask
 from hpcprune.config import CalibrationConfig, PruneConfig, validate_tree
+from hpcprune.dist.failures import AgreedFailure
 from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
 from hpcprune.prune.calibrate import CalibrationBatches, calibrate
@@ -282,8 +283,10 @@ def test_group_rules_on_ranks_agree_with_one_process_and_fail_together(rule):
     def failing(world):
         try:
             job(world, bad)
-        except ValueError as error:
-            raised.append(str(error))
+        except AgreedFailure as failure:  # every rank stops at the same collective (hpcprune.dist.failures)
+            raised.append(failure)
 
     run_ranks(2, failing)
-    assert len(raised) == 2 and any(bad in message and "float32" in message for message in raised)
+    assert len(raised) == 2 and all(failure.failed_rank == 1 for failure in raised)
+    (cause,) = [failure.cause for failure in raised if failure.cause is not None]  # rank 1's own refusal
+    assert isinstance(cause, ValueError) and bad in str(cause) and "float32" in str(cause)
