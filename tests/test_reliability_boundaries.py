@@ -132,7 +132,7 @@ def test_a_masks_only_checkpoint_with_nan_weights_is_refused(workspace):
 
 
 def test_a_truncated_masks_only_checkpoint_is_refused_before_scoring(workspace):
-    whole = (workspace / "run.states" / "dense.safetensors").read_bytes()
+    whole = (workspace / "run.h5.states" / "dense.safetensors").read_bytes()
     cut = workspace / "cut.safetensors"
     cut.write_bytes(whole[: len(whole) - 1000])
     refused(workspace, *prune_into(workspace, "--set", "model.name=checkpoint", "--set", f"model.checkpoint={cut}",
@@ -192,8 +192,8 @@ def test_an_archive_name_longer_than_the_filesystem_allows_is_refused(workspace)
 
 
 def test_an_archive_name_whose_states_folder_would_be_too_long_is_refused(workspace):
-    name = "r" * 250 + ".h5"  # fits, but "<stem>.states" beside it does not
-    refused(workspace, *prune_into(workspace)[:-2], "--out", str(workspace / name), fragment=".states' is 257 bytes")
+    name = "r" * 250 + ".h5"  # fits, but "<archive name>.states" beside it does not
+    refused(workspace, *prune_into(workspace)[:-2], "--out", str(workspace / name), fragment=".h5.states' is 260 bytes")
 
 
 def test_a_masks_file_name_longer_than_the_filesystem_allows_is_refused(workspace):
