@@ -2,7 +2,7 @@
 
 The scan reads the syntax trees of every module: no unpickling (pickle/dill/cloudpickle/marshal/
 shelve loads, numpy with allow_pickle), no `torch.load` without `weights_only=True`, no `yaml.load`
-without a safe loader, no eval/exec/compile. The live check starts the real CLI with a module on the
+without a safe loader (SafeLoader or a class of the module built only on safe loaders), no eval/exec/compile. The live check starts the real CLI with a module on the
 path that leaves a trace when imported, and shows that only a config naming it imports it.
 """
 
@@ -42,10 +42,26 @@ def is_true(node: ast.AST | None) -> bool:
     return isinstance(node, ast.Constant) and node.value is True
 
 
+def safe_local_loaders(tree: ast.Module) -> set[str]:
+    """Loader classes defined in the module whose every base is a safe loader (one that only adds checks)."""
+    safe: set[str] = set()
+    classes = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+    grew = True
+    while grew:  # a subclass of a safe local subclass is safe too
+        grew = False
+        for node in classes:
+            bases = {dotted(base).split(".")[-1] for base in node.bases}
+            if node.name not in safe and bases and bases <= SAFE_YAML_LOADERS | safe:
+                safe.add(node.name)
+                grew = True
+    return safe
+
+
 def findings(source: str, filename: str) -> list[str]:
     """Every unsafe construct in `source`, as "file:line: what"."""
     problems = []
     tree = ast.parse(source, filename)
+    safe_loaders = SAFE_YAML_LOADERS | safe_local_loaders(tree)
     for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNPICKLERS:
@@ -58,7 +74,7 @@ def findings(source: str, filename: str) -> list[str]:
                 problems.append(f"{where}: {name}()")
             if name.split(".")[-1] == "load" and name.split(".")[0] in {"torch", "th"} and not is_true(keyword(node, "weights_only")):
                 problems.append(f"{where}: {name}() without weights_only=True")
-            if name in {"yaml.load", "yaml.load_all"} and dotted(keyword(node, "Loader") or ast.Constant(None)).split(".")[-1] not in SAFE_YAML_LOADERS:
+            if name in {"yaml.load", "yaml.load_all"} and dotted(keyword(node, "Loader") or ast.Constant(None)).split(".")[-1] not in safe_loaders:
                 problems.append(f"{where}: {name}() without a safe Loader")
             if name in {"yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all", "yaml.full_load_all"}:
                 problems.append(f"{where}: {name}()")
@@ -75,6 +91,8 @@ def findings(source: str, filename: str) -> list[str]:
     "import torch\ntorch.load('x', weights_only=False)",
     "import yaml\nyaml.load('a: 1', Loader=yaml.Loader)",
     "import yaml\nyaml.unsafe_load('a: 1')",
+    "import yaml\nclass Strict(yaml.Loader):\n    pass\nyaml.load('a: 1', Loader=Strict)",
+    "import yaml\nclass Mixed(yaml.SafeLoader, yaml.UnsafeLoader):\n    pass\nyaml.load('a: 1', Loader=Mixed)",
     "import numpy as np\nnp.load('x.npy', allow_pickle=True)",
     "eval(text)",
     "exec(text)",
@@ -87,6 +105,7 @@ def test_the_scan_finds_each_unsafe_construct(snippet):
     "import pickle\ntry:\n    pass\nexcept pickle.UnpicklingError:\n    pass",
     "import torch\ntorch.load('x', map_location='cpu', weights_only=True)",
     "import yaml\nyaml.safe_load('a: 1')\nyaml.load('a: 1', Loader=yaml.SafeLoader)",
+    "import yaml\nclass Strict(yaml.SafeLoader):\n    pass\nclass Stricter(Strict):\n    pass\nyaml.load('a: 1', Loader=Stricter)",
     "model.eval()",
 ])
 def test_the_scan_lets_safe_code_pass(snippet):

@@ -36,7 +36,7 @@ from hpcprune.prune.channels import (
 from hpcprune.prune.masks import MaskEnforcer, apply_masks
 from hpcprune.prune.plan import make_plan
 from hpcprune.prune.selection import prune_count
-from hpcprune.registry import CHANNEL_SCHEDULES
+from hpcprune.registry import CHANNEL_SCHEDULES, SEQUENTIAL
 from tests.helpers import CONFIGS, archive_masks, run_cli
 
 
@@ -186,10 +186,18 @@ def other_choices(section, key: str, supported) -> list[str]:
 
 
 @pytest.mark.parametrize("key, value", [("prune.rule", rule) for rule in other_choices(PruneConfig, "rule", CHANNEL_RULES)]
-                         + [("schedule.kind", kind) for kind in other_choices(ScheduleConfig, "kind", CHANNEL_SCHEDULES)])
+                         + [("schedule.kind", kind) for kind in other_choices(ScheduleConfig, "kind", CHANNEL_SCHEDULES)
+                            if kind != SEQUENTIAL])
 def test_rules_and_schedules_of_single_weights_are_refused_for_channels(key, value):
     with pytest.raises(UsageError, match=f"{key} '{value}' does not apply to channels"):
         load_config(None, ["prune.granularity=channel", "prune.criterion=l1", f"{key}={value}"])
+
+
+def test_the_block_sequential_pipeline_refuses_channels_in_its_own_words():
+    """Sequential runs only on Hugging Face folders without training, so its own check speaks first."""
+    with pytest.raises(UsageError, match="schedule.kind sequential prunes single weights: prune.granularity must be 'weight'"):
+        load_config(None, ["prune.granularity=channel", "prune.criterion=l1", f"schedule.kind={SEQUENTIAL}",
+                           "model.name=hf:/nowhere", "pretrain.epochs=0", "finetune.epochs=0"])
 
 
 # --- scores --------------------------------------------------------------------------------------
