@@ -138,12 +138,17 @@ def unfinished_oneshot(tmp_path_factory, oneshot_references) -> Path:
     return out
 
 
-@pytest.mark.parametrize("flag", ["--force", "--resume"])
-def test_two_writers_started_together_one_runs_and_the_other_is_refused_ten_times(tmp_path, oneshot_references,
+# Ten races of two `--force` writers (the issue's count); the `--resume` race takes the same lock
+# through the same code, so three of those keep the suite within its time on two cores.
+RACES = {"--force": 10, "--resume": 3}
+
+
+@pytest.mark.parametrize("flag", RACES)
+def test_two_writers_started_together_one_runs_and_the_other_is_refused_each_time(tmp_path, oneshot_references,
                                                                                 unfinished_oneshot, flag):
     """Two `--force` runs of different configs, or two `--resume` of an unfinished run, started together."""
     winners = []
-    for attempt in range(10):
+    for attempt in range(RACES[flag]):
         release = tmp_path / f"release-{attempt}"
         if flag == "--force":
             out = tmp_path / "run.h5"
@@ -168,7 +173,7 @@ def test_two_writers_started_together_one_runs_and_the_other_is_refused_ten_time
         assert_same_masks(out, oneshot_references[sparsity])  # its masks are those of its own config
         assert not Path(f"{out}.lock").exists()
         winners.append(sparsity)
-    assert len(winners) == 10
+    assert len(winners) == RACES[flag]
 
 
 def test_a_resume_or_an_export_during_a_live_run_is_refused_and_readers_still_read(tmp_path):
@@ -290,7 +295,9 @@ def test_a_second_writer_of_a_live_sequential_run_is_refused_naming_it(tiny_fold
     assert open_archive(out).rounds()[0]["blocks"] == 3 and not Path(f"{out}.lock").exists()
 
 
-@pytest.mark.parametrize("kill", ["create:1", "block_forward:1", "write_mask:1"])
+# Where the archive is created the two pipelines share the code (test_a_forced_run_killed_before...
+# kills there); these are the block-sequential pipeline's own points before its first block is recorded.
+@pytest.mark.parametrize("kill", ["block_forward:1", "write_mask:1"])
 def test_a_forced_sequential_run_killed_before_its_first_block_leaves_the_old_archive_whole(
         tiny_folders, sequential_run, tmp_path, kill):
     from tests.test_sequential_crash import crash_run as sequential_crash_run
