@@ -85,10 +85,14 @@ class ExactSum:
         term = torch.as_tensor(term).to(device=self.device, dtype=torch.float64)
         if tuple(term.shape) != self.shape:
             raise ValueError(f"term of shape {tuple(term.shape)} added to a sum of shape {self.shape}")
-        if not bool(torch.isfinite(term).all()):
+        if not term.numel():
+            return
+        # One pass for both checks: aminmax gives NaN when any element is NaN, ±inf when one is infinite.
+        low, high = (float(end) for end in torch.aminmax(term))
+        if not (math.isfinite(low) and math.isfinite(high)):
             self.problem = self.problem or "a statistic is NaN or infinite (non-finite activations or weights)"
             return
-        largest = float(term.abs().max()) if term.numel() else 0.0
+        largest = max(-low, high)
         if largest == 0.0:
             return
         exponent = math.frexp(largest)[1]  # largest < 2^exponent
@@ -99,8 +103,7 @@ class ExactSum:
         self.finest = scale if self.finest is None else min(self.finest, scale)
         if self.problem:
             return
-        integers = torch.round(scaled(term, -scale))
-        integers = integers.to(torch.int64)
+        integers = scaled(term, -scale).round_().to(torch.int64)
         if self.base is None:
             self.integers, self.base = integers, scale
             return
@@ -175,8 +178,11 @@ def reduce_exactly(sums: Sequence[ExactSum], world: World) -> list[torch.Tensor]
 
 
 def scaled(values: torch.Tensor, exponent: int) -> torch.Tensor:
-    """values * 2^exponent, exact while the results are normal floats. torch.ldexp multiplies by
-    2.0 ** exponent, which overflows past 2^1023 even where the product would not: two half steps."""
+    """values * 2^exponent (a new tensor), exact while the results are normal floats. One multiply
+    where 2^exponent is a normal float; past that, two half steps (2^exponent alone would overflow
+    or lose bits even where the product would not)."""
+    if -1022 <= exponent <= 1023:
+        return values * math.ldexp(1.0, exponent)
     half = exponent // 2
     for step in (half, exponent - half):
         values = torch.ldexp(values, torch.tensor(step, dtype=torch.float64, device=values.device))

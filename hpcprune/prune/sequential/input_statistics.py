@@ -37,7 +37,7 @@ def input_squares(rows: torch.Tensor) -> torch.Tensor:
 
 def hessian(rows: torch.Tensor) -> torch.Tensor:
     rows = rows.to(torch.float64)
-    return 2.0 * (rows.T @ rows)
+    return (rows.T @ rows).mul_(2.0)  # in place: a term of the widest layer is tens of MB
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def input_rows(inputs: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 class WindowHooks:
     """Forward pre-hooks on a block's layers that add one term per window and layer group.
 
-    A subclass gives `_hook(layer)` (the pre-hook, which sees `self._keep`, the window's token mask)
+    A subclass gives `_hook(layer)` (the hook, which sees `self._keep`, the window's token mask)
     and `_end_window()` (adds the window's terms). Within `with hooks:` the hooks are registered;
     `with hooks.window(keep):` frames one window, whose terms count only if it ends without error.
     """
@@ -80,8 +80,12 @@ class WindowHooks:
 
     def __enter__(self):
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_pre_hook(self._hook(layer)))
+            self._handles.append(self._register(layer.module, self._hook(layer)))
         return self
+
+    def _register(self, module, hook: Callable):
+        """A forward pre-hook (it sees the layer's input); a subclass that needs the output too says so."""
+        return module.register_forward_pre_hook(hook)
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:

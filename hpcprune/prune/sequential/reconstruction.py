@@ -7,6 +7,9 @@ already carries the pruning of the layers before it in the block), W the dense w
 pruned (or, for methods that update weights, the updated) one; biases cancel out. Per window the
 two squared norms are float64 terms, added exactly over all ranks' windows, so the ratio does not
 depend on the world size. A block without calibration windows has no error (NaN).
+
+One extra matmul per layer and window: a forward hook sees the pruned output ŴX + b the block
+computes anyway, so only (W − Ŵ)X is new, and WX = (ŴX + b) − b + (W − Ŵ)X.
 """
 
 from __future__ import annotations
@@ -23,23 +26,33 @@ from hpcprune.prune.sequential.layers import BlockLayer
 
 
 class ReconstructionErrors(WindowHooks):
-    """Hooks on `layers` of the pruned block; `dense` holds their dense weights (float32)."""
+    """Hooks on `layers` of the pruned block; `dense` holds their dense weights (float32), which
+    become W − Ŵ in place (the caller keeps no other use for them: no second copy of the block)."""
 
     def __init__(self, layers: list[BlockLayer], dense: dict[str, torch.Tensor], windows: int):
         super().__init__(layers)
-        self.dense, self.windows = dense, windows
+        with torch.no_grad():
+            self.lost = {layer.spec.name: dense[layer.spec.name].sub_(layer.module.weight)
+                         for layer in layers if layer.spec.name in dense}
+        self.windows = windows
         device = next(iter(dense.values())).device if dense else "cpu"
         self.sums = {layer.spec.name: ExactSum.of((2,), windows, device) for layer in layers}
         self._terms: dict[str, torch.Tensor] = {}
 
+    def _register(self, module, hook):
+        return module.register_forward_hook(hook)
+
     def _hook(self, layer: BlockLayer):
         name = layer.spec.name
 
-        def add(module, args) -> None:
+        def add(module, args, output) -> None:
             rows = input_rows(args[0], self._keep)
-            dense = self.dense[name]
-            lost = F.linear(rows, dense - module.weight).to(torch.float64).square().sum()
-            kept = F.linear(rows, dense).to(torch.float64).square().sum()
+            lost_rows = F.linear(rows, self.lost[name])  # (W − Ŵ)X
+            dense_rows = input_rows(output, self._keep) + lost_rows
+            if module.bias is not None:
+                dense_rows -= module.bias
+            lost = lost_rows.to(torch.float64).square().sum()
+            kept = dense_rows.to(torch.float64).square().sum()
             term = torch.stack([lost, kept])
             self._terms[name] = self._terms[name] + term if name in self._terms else term
         return add
