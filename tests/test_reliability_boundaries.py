@@ -15,8 +15,8 @@ import pytest
 from hpcprune.config import ModelConfig
 from hpcprune.models.builders import build_model, save_checkpoint
 from tests import test_reliability_input as inputs
-from tests.helpers import ROOT, complete_rounds, driver, launch, run_cli
 from tests.finished_run import refused, snapshot
+from tests.helpers import ROOT, complete_rounds, driver, launch, run_cli
 from tests.test_reliability_input import prune_into, write_config
 
 # A copy of the data beside the finished run (`workspace`, a conftest fixture), for the data cases.
