@@ -348,9 +348,37 @@ def test_refusals_found_at_run_time_name_the_key(tiny_folders, tmp_path):
     assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()  # refused before the archive
 
 
-def test_blocks_without_linear_layers_are_refused_by_name(tiny_folders, llm_folder, tmp_path):
-    with pytest.raises(UsageError, match=r"the blocks transformer\.h hold no nn\.Linear layer .*Conv1D"):
-        prune_folder(llm_folder("gpt2", layers=2), tiny_folders, tmp_path / "gpt2.h5")
+def test_blocks_without_linear_layers_are_refused_by_name():
+    from torch import nn
+
+    from hpcprune.config import PruneConfig
+    from hpcprune.prune.sequential.layers import sequential_plan
+
+    blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(4), nn.GELU()) for _ in range(2)])
+    with pytest.raises(UsageError, match=r"the blocks model\.layers hold no nn\.Linear \(or GPT-2 Conv1D\) layer"):
+        sequential_plan(blocks, "model.layers", PruneConfig())
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_gpt2s_conv1d_layers_are_pruned_in_their_stored_orientation(tiny_folders, llm_folder, tmp_path, criterion):
+    """GPT-2's Conv1D stores its weight in x out: each output row (a stored column) keeps exactly half,
+    the recorded masks have the stored shapes, and the exported folder loads with its zeros in place."""
+    from transformers import AutoModelForCausalLM
+
+    folder, out = llm_folder("gpt2", layers=2), tmp_path / "gpt2.h5"
+    prune_folder(folder, tiny_folders, out, f"prune.criterion={criterion}")
+    shapes = {name: shape for name, shape in shapes_of(out).items() if name in archive_masks(out, 1)}
+    assert len(shapes) == 2 * 4 and all(".attn.c_attn." in name or ".c_proj." in name or ".c_fc." in name for name in shapes)
+    masks = bool_masks(out, shapes)
+    for name, mask in masks.items():
+        assert mask.shape == shapes[name]  # in x out, as GPT-2 stores it
+        assert (mask.sum(dim=0) == mask.shape[0] // 2).all(), name  # half of each output's inputs
+    assert all(0 < row["error"] < 1 for row in round_tables(out, 1)["reconstruction"])
+    exported = tmp_path / "gpt2-hf"
+    assert run_cli("export", str(out), "--format", "hf", "--out", str(exported)).returncode == 0
+    state = AutoModelForCausalLM.from_pretrained(exported).state_dict()
+    for name, mask in masks.items():
+        assert (state[name][~mask] == 0).all() and (state[name][mask] != 0).float().mean() > 0.99, name
 
 
 def test_ambiguous_blocks_are_named_and_model_blocks_chooses(tmp_path):

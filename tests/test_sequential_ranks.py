@@ -27,8 +27,9 @@ CASES = [
     "opt-sparsegpt-nm:opt:prune.criterion=sparsegpt;prune.rule=nm;prune.n=2;prune.m=4;sparsegpt.block_size=16",
     # Two layers left, three ranks: the gate projection's 288 rows are solved in two ranges on two ranks.
     "wide-sparsegpt-split:llama_wide:prune.criterion=sparsegpt;prune.exclude=['*.self_attn.*','*.down_proj.weight']",
+    "gpt2-sparsegpt-row:gpt2:prune.criterion=sparsegpt;sparsegpt.block_size=16",  # Conv1D: weights stored in x out
 ]
-UPDATES_WEIGHTS = ("llama-sparsegpt-row", "opt-sparsegpt-nm", "wide-sparsegpt-split")
+UPDATES_WEIGHTS = ("llama-sparsegpt-row", "opt-sparsegpt-nm", "wide-sparsegpt-split", "gpt2-sparsegpt-row")
 FIGURES = ("kept", "achieved_sparsity", "eval_metric", "eval_dense", "eval_pruned", "blocks")
 
 

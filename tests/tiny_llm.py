@@ -30,6 +30,7 @@ class Folders:
     opt: Path
     bert: Path
     llama_wide: Path  # one block whose gate and up projections have 288 rows: SparseGPT can cut them
+    gpt2: Path  # Conv1D layers: weights stored in x out
     calibration: Path  # text files
     evaluation: Path
 
@@ -61,6 +62,7 @@ MODELS = {
     "opt": lambda folder: build_folder("opt", folder, layers=2),
     "bert": lambda folder: build_folder("bert", folder, layers=2),
     "llama_wide": lambda folder: build_folder("llama", folder, layers=1, intermediate_size=288),
+    "gpt2": lambda folder: build_folder("gpt2", folder, layers=2),
 }
 
 

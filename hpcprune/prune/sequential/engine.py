@@ -33,7 +33,7 @@ from hpcprune.prune.sequential.activations import Stream, WindowStore
 from hpcprune.prune.sequential.decisions import BlockDecisions, share_decisions
 from hpcprune.prune.sequential.input_statistics import InputStatistics, LayerStatistics
 from hpcprune.prune.sequential.layers import BlockLayer
-from hpcprune.prune.sequential.methods import BlockMethod, LayerRule
+from hpcprune.prune.sequential.methods import BlockMethod, Decision, LayerRule
 from hpcprune.prune.sequential.pieces import block_pieces
 from hpcprune.prune.sequential.reconstruction import ReconstructionErrors
 
@@ -57,9 +57,7 @@ class BlockEngine:
     def prune(self, block: nn.Module, layers: list[BlockLayer]) -> BlockOutcome:
         statistics, dense_outputs = self._dense_pass(block, layers)
         pieces = block_pieces(layers, self.world.size, self.method, self.rule)
-        mine = {piece.key: self.method.decide(piece.layer.spec, piece.layer.module.weight,
-                                              statistics.get(piece.layer.spec.name, {}), self.rule, rows=piece.rows)
-                for piece, owner in pieces if owner == self.world.rank}
+        mine = {piece.key: self._decide(piece, statistics) for piece, owner in pieces if owner == self.world.rank}
         decisions = share_decisions(mine, self.world).joined([piece for piece, _ in pieces])
         dense_weights = ({layer.spec.name: layer.module.weight.detach().clone() for layer in layers}
                          if self.calibration is not None else {})
@@ -68,6 +66,15 @@ class BlockEngine:
         if dense_outputs is not None:
             self.calibration.store.take(dense_outputs)
         return BlockOutcome(decisions, errors)
+
+    def _decide(self, piece, statistics: LayerStatistics) -> Decision:
+        """The method decides out x in; the decision is kept in the layer's stored orientation."""
+        layer = piece.layer
+        decision = self.method.decide(layer.linear_spec, layer.linear_weight(), statistics.get(layer.spec.name, {}),
+                                      self.rule, rows=piece.rows)
+        if not layer.transposed:
+            return decision
+        return Decision(layer.stored(decision.mask), None if decision.weight is None else layer.stored(decision.weight))
 
     def replay(self, block: nn.Module, layers: list[BlockLayer], decisions: BlockDecisions) -> None:
         if self.calibration is not None and self.propagate == "dense":

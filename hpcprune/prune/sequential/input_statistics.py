@@ -161,7 +161,7 @@ class InputStatistics(WindowHooks):
         """Every layer's statistics over all ranks' windows (SpreadTooWide: retry with its mantissa_bits)."""
         leaders = agree_on_leaders(self.leaders, self.layers, world)
         order = [layer for layer in self.layers if leaders[layer.spec.name] == layer.spec.name]
-        sums = [self._sum(layer.spec.name, kind, STATISTICS[kind].shape(layer.spec.shape[1]))
+        sums = [self._sum(layer.spec.name, kind, STATISTICS[kind].shape(layer.in_features))
                 for layer in order for kind in self.kinds]
         totals = iter(reduce_exactly(sums, world))
         by_leader = {layer.spec.name: {kind: self._finished(kind, next(totals)) for kind in self.kinds} for layer in order}

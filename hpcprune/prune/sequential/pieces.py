@@ -31,8 +31,8 @@ class Piece:
         return name if self.rows is None else f"{name}[{self.rows[0]}:{self.rows[1]}]"
 
     def spec(self, position: int) -> TensorSpec:
-        """The piece as a tensor of its own (what its cost is computed on)."""
-        shape = self.layer.spec.shape
+        """The piece as a tensor of its own, out x in (what its cost is computed on)."""
+        shape = self.layer.linear_spec.shape
         rows = shape[0] if self.rows is None else self.rows[1] - self.rows[0]
         return TensorSpec(position, self.key, (rows, *shape[1:]))
 
@@ -58,6 +58,8 @@ def _costliest_cuttable(layers, pieces, parts, method, rule) -> BlockLayer | Non
     best, best_cost = None, -1
     for layer in layers:
         name = layer.spec.name
+        if layer.transposed:  # its rows are the stored tensor's columns: never cut
+            continue
         more = method.row_split(layer.spec, rule, parts[name] + 1)
         if more is None or len(more) <= len(pieces[name]):
             continue

@@ -47,7 +47,8 @@ class ReconstructionErrors(WindowHooks):
 
         def add(module, args, output) -> None:
             rows = input_rows(args[0], self._keep)
-            lost_rows = F.linear(rows, self.lost[name])  # (W − Ŵ)X
+            lost = self.lost[name]
+            lost_rows = rows @ lost if layer.transposed else F.linear(rows, lost)  # (W − Ŵ)X
             dense_rows = input_rows(output, self._keep) + lost_rows
             if module.bias is not None:
                 dense_rows -= module.bias
