@@ -2,8 +2,9 @@
 
 The scan reads the syntax trees of every module: no unpickling (pickle/dill/cloudpickle/marshal/
 shelve loads, numpy with allow_pickle), no `torch.load` without `weights_only=True`, no `yaml.load`
-without a safe loader (SafeLoader or a class of the module built only on safe loaders), no eval/exec/compile. The live check starts the real CLI with a module on the
-path that leaves a trace when imported, and shows that only a config naming it imports it.
+without a safe loader (SafeLoader, or a class of the module built only on safe loaders), no
+eval/exec/compile. The live check starts the real CLI with a module on the path that leaves a trace
+when imported, and shows that only a config naming it imports it.
 """
 
 from __future__ import annotations

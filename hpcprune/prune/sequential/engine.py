@@ -72,8 +72,6 @@ class BlockEngine:
         layer = piece.layer
         decision = self.method.decide(layer.linear_spec, layer.linear_weight(), statistics.get(layer.spec.name, {}),
                                       self.rule, rows=piece.rows)
-        if not layer.transposed:
-            return decision
         return Decision(layer.stored(decision.mask), None if decision.weight is None else layer.stored(decision.weight))
 
     def replay(self, block: nn.Module, layers: list[BlockLayer], decisions: BlockDecisions) -> None:

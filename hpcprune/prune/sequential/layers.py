@@ -35,7 +35,7 @@ class BlockLayer:
     @property
     def linear_spec(self) -> TensorSpec:
         """The spec as the methods see it: out x in."""
-        return TensorSpec(self.spec.index, self.spec.name, tuple(reversed(self.spec.shape))) if self.transposed else self.spec
+        return linear_spec(self.spec, self.transposed)
 
     @property
     def in_features(self) -> int:
@@ -49,6 +49,11 @@ class BlockLayer:
     def stored(self, tensor: torch.Tensor) -> torch.Tensor:
         """A mask or weight decided out x in, in the stored orientation."""
         return tensor.T.contiguous() if self.transposed else tensor
+
+
+def linear_spec(spec: TensorSpec, transposed: bool) -> TensorSpec:
+    """`spec` out x in: a Conv1D's stored in x out shape reversed, a Linear's as it is."""
+    return TensorSpec(spec.index, spec.name, tuple(reversed(spec.shape))) if transposed else spec
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -70,8 +75,7 @@ def sequential_plan(blocks: nn.ModuleList, blocks_path: str, prune: PruneConfig)
     plan = Plan(tensors, (0,) * len(tensors))
     if prune.rule == "nm":  # every rank refuses before any block runs, on the inputs of each layer
         transposed = {name for name, _, conv in found if conv}
-        oriented = tuple(TensorSpec(spec.index, spec.name, tuple(reversed(spec.shape)) if spec.name in transposed
-                                    else spec.shape) for spec in tensors)
+        oriented = tuple(linear_spec(spec, spec.name in transposed) for spec in tensors)
         check_nm_shapes(Plan(oriented, plan.owners), prune.m)
     return plan
 

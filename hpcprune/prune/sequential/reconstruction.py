@@ -47,8 +47,8 @@ class ReconstructionErrors(WindowHooks):
 
         def add(module, args, output) -> None:
             rows = input_rows(args[0], self._keep)
-            lost = self.lost[name]
-            lost_rows = rows @ lost if layer.transposed else F.linear(rows, lost)  # (W − Ŵ)X
+            difference = self.lost[name]  # W − Ŵ, stored as the layer stores its weight
+            lost_rows = rows @ difference if layer.transposed else F.linear(rows, difference)  # (W − Ŵ)X
             dense_rows = input_rows(output, self._keep) + lost_rows
             if module.bias is not None:
                 dense_rows -= module.bias
