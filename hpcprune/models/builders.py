@@ -227,8 +227,16 @@ def load_state_file(path: str | os.PathLike, names: Iterable[str] | None = None)
 
 
 def require_finite(tensor: torch.Tensor, what: str) -> None:
-    """Weights with NaN or infinity make every score, loss and mask after them meaningless: refuse them."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Weights with NaN or infinity make every score, loss and mask after them meaningless: refuse them.
+
+    One `aminmax` pass decides (NaN and ±inf reach the extremes) and allocates nothing the size of the
+    tensor: `isfinite(...).all()` would, and on large checkpoints those one-byte-per-weight buffers
+    left the heap fragmented and grew a rank's resident memory with the model.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
         bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinity"
         raise UsageError(f"{what} holds {bad} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)")
 
