@@ -66,9 +66,9 @@ def gradual(out_dir: str, config_path: str, *overrides: str) -> None:
     seen = []
     making_update = GradualPruner.__call__
 
-    def recording(pruner, enforcer):
+    def recording(pruner, enforcer, batches):
         before = len(pruner.updates)
-        making_update(pruner, enforcer)
+        making_update(pruner, enforcer, batches)
         if len(pruner.updates) > before:
             step, sparsity, kept = pruner.updates[-1]
             weights = [p.detach() for name, p in unwrap(pruner._model).named_parameters() if p.dim() > 1]

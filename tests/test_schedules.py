@@ -21,7 +21,7 @@ from hpcprune.errors import UsageError
 from hpcprune.models.builders import build_model, load_state_file
 from hpcprune.models.data import load_data
 from hpcprune.models.weights import ModelWeights
-from hpcprune.prune.gradual import GradualPruner, schedule_steps
+from hpcprune.prune.gradual import GradualPruner, fine_tuning_steps, schedule_steps
 from hpcprune.prune.plan import make_plan
 from hpcprune.prune.rules import select
 from hpcprune.prune.schedule import gradual_end, gradual_sparsity, gradual_update_within
@@ -30,7 +30,14 @@ from hpcprune.prune.selection import prune_count
 from hpcprune.run.pipeline import run
 from hpcprune.train.distill import DistillationLoss
 from hpcprune.train.finetune import train
-from tests.helpers import CONFIGS, archive_masks, assert_same_masks, driver, launch
+from tests.helpers import (
+    CONFIGS,
+    archive_masks,
+    assert_same_masks,
+    driver,
+    launch,
+    torchrun,
+)
 
 GRADUAL = ScheduleConfig(kind="gradual", initial_sparsity=0.1, start_step=3, interval=4, updates=5)
 
@@ -209,33 +216,44 @@ def test_gradual_under_mpirun_keeps_replicas_identical_and_reaches_the_target(mp
 
 GRADUAL_RUN = ("pretrain.epochs=0", "schedule.kind=gradual", "schedule.rounds=1", "schedule.interval=4",
                "schedule.updates=3", "schedule.initial_sparsity=0.2", "finetune.epochs=1")
-# SGD so slow that no weight moves (1e-30 of a gradient vanishes next to any float32 weight): training
-# then cannot depend on the world size, and only the schedule and the selection are compared.
-STILL = ("finetune.optimizer={name: sgd, lr: 1.0e-30, momentum: 0.0, weight_decay: 0.0}",)
+# Exact steps: 4 batches of 64 per optimizer step, their gradients summed exactly, at any world size.
+EXACT = ("pretrain.epochs=1", "pretrain.step_batches=4", "finetune.step_batches=4")
 
 
-def gradual_updates(mpirun, out, ranks: int, *overrides: str) -> list[dict]:
-    command = driver("gradual", str(out), str(CONFIGS / "smoke.yaml"), *GRADUAL_RUN, *overrides)
+def gradual_updates(launcher: list[str], out, *overrides: str) -> list[dict]:
     out.mkdir()
-    finished = launch(command if ranks == 1 else [mpirun, "-n", str(ranks), *command])
+    finished = launch([*launcher, *driver("gradual", str(out), str(CONFIGS / "smoke.yaml"), *GRADUAL_RUN, *overrides)])
     assert finished.returncode == 0, finished.stderr
     return json.loads((out / "updates.json").read_text())
 
 
-def test_gradual_masks_move_at_the_same_steps_to_the_same_masks_on_one_and_two_ranks(mpirun, mpi4py, tmp_path):
-    """A step is a batch of data.batch_size over all ranks: 16 per epoch here on 1 rank (1024 / 64) and
-    on 2 (8 optimizer steps of 2 x 64). With weights that training does not move, each update then
-    selects bit for bit the same masks, and the rounds record the same masks."""
-    alone, two = (gradual_updates(mpirun, tmp_path / f"n{ranks}", ranks, *STILL) for ranks in (1, 2))
+def test_exact_steps_give_the_same_weights_losses_and_gradual_masks_on_any_world_size(mpirun, mpi4py, tmp_path):
+    """Really trained (a dense epoch, then fine-tuning with three mask updates, Adam): 1 rank, mpirun
+    -n 2 and -n 3 and torchrun with 2 ranks reach every update at the same step with the same masks,
+    and record the same masks, losses and accuracies, bit for bit."""
+    launchers = {"n1": [], "n2": [mpirun, "-n", "2"], "n3": [mpirun, "-n", "3"], "torchrun2": torchrun(2, "--no-python")}
+    updates = {name: gradual_updates(launcher, tmp_path / name, *EXACT) for name, launcher in launchers.items()}
+    alone = updates.pop("n1")
     assert [update["step"] for update in alone] == [4, 8, 12]
-    assert alone == two
-    assert_same_masks(tmp_path / "n2" / "run.h5", tmp_path / "n1" / "run.h5", rounds=(1,))
+    assert len({update["masks"] for update in alone}) == 3  # the masks really moved
+    for name, seen in updates.items():
+        assert seen == alone, name
+        assert_same_masks(tmp_path / name / "run.h5", tmp_path / "n1" / "run.h5")
+        assert recorded_history(tmp_path / name / "run.h5") == recorded_history(tmp_path / "n1" / "run.h5"), name
+
+
+def recorded_history(path) -> list[bytes]:
+    """Every round's epoch records and its tested loss and accuracy, as bytes (bit-for-bit comparison)."""
+    with h5py.File(path, "r") as archive:
+        return [archive[f"rounds/{name}/history"][()].tobytes()
+                + np.array([archive[f"rounds/{name}"].attrs[key] for key in ("loss", "accuracy")]).tobytes()
+                for name in sorted(archive["rounds"]) if "history" in archive[f"rounds/{name}"]]
 
 
 def test_gradual_updates_fall_on_the_same_steps_and_targets_while_training_differs(mpirun, mpi4py, tmp_path):
     """Really trained, the ranks average gradients over other batches than one process does, so the
     weights (and masks) may differ; the schedule does not: same update steps, targets and kept counts."""
-    alone, two = (gradual_updates(mpirun, tmp_path / f"n{ranks}", ranks) for ranks in (1, 2))
+    alone, two = (gradual_updates(launcher, tmp_path / name) for name, launcher in (("n1", []), ("n2", [mpirun, "-n", "2"])))
     schedule = [(update["step"], update["sparsity"], update["kept"]) for update in alone]
     assert [update["step"] for update in alone] == [4, 8, 12]
     assert [(update["step"], update["sparsity"], update["kept"]) for update in two] == schedule
@@ -252,9 +270,11 @@ def test_a_gradual_step_counts_the_batches_of_every_rank():
     assert schedule_steps(batches_per_rank=8, world_size=2, epochs=3) == 48
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-def test_the_fashion_mnist_gradual_config_fits_fine_tuning_at_any_world_size(ranks):
+def test_the_fashion_mnist_gradual_config_trains_with_exact_steps_and_fits_fine_tuning():
+    """Exact steps in both trainings (the same masks at any world size); its last update within fine-tuning."""
     config = load_config(CONFIGS / "fmnist_lenet300_gradual.yaml")
-    per_rank = -(-(60000 - config.data.validation_size) // ranks)  # DistributedSampler: padded to equal shares
-    batches = -(-per_rank // config.data.batch_size)
-    assert gradual_end(config.schedule) <= schedule_steps(batches, ranks, config.finetune.epochs)
+    assert config.pretrain.step_batches and config.finetune.step_batches
+    samples = 60000 - config.data.validation_size
+    total = fine_tuning_steps(config, samples, SingleWorld(), seed=config.seed)
+    assert total == -(-samples // config.data.batch_size) * config.finetune.epochs
+    assert gradual_end(config.schedule) <= total

@@ -187,3 +187,22 @@ def scaled(values: torch.Tensor, exponent: int) -> torch.Tensor:
     for step in (half, exponent - half):
         values = torch.ldexp(values, torch.tensor(step, dtype=torch.float64, device=values.device))
     return values
+
+
+def sum_kept_terms(terms: Sequence[torch.Tensor], shape: Sequence[int], count: int, world: World,
+                   retries: int = 3) -> torch.Tensor:
+    """Σ over all ranks of this rank's `terms` (at most `count` terms over all ranks), float64.
+
+    For terms small enough to keep until the reduction: a spread too wide for the default precision
+    is retried from them with the bits `SpreadTooWide` names (every rank raises it alike, so every
+    rank retries together)."""
+    bits = mantissa_bits_for(count)
+    for _ in range(retries):
+        total = ExactSum(tuple(shape), count, bits)
+        for term in terms:
+            total.add(term)
+        try:
+            return reduce_exactly([total], world)[0]
+        except SpreadTooWide as refused:
+            bits = min(bits, refused.mantissa_bits)
+    raise RuntimeError(f"exact sum: the terms' scales still differ too much after {retries} passes")

@@ -9,10 +9,13 @@ rule on the current weights, weights pruned earlier scoring -inf so that pruning
 
 A step of the schedule is one batch of `data.batch_size` samples counted over all ranks, so a config
 means the same at every world size: one optimizer step of DDP on n ranks consumes n such batches
-and advances the schedule by n. An update falls on the optimizer step that reaches its schedule step
-(the same step when n divides t0 and Δt; when one step crosses several updates, the last of them is
-made). Every rank takes the same optimizer steps (DDP pads the data to equal batch counts), so all
-of them reach each update together and run its collectives in step.
+and advances the schedule by n; one exact step (`finetune.step_batches: N`,
+hpcprune.train.exact_steps) consumes N at any world size, and then the weights, and so every
+update's masks, are the same bit for bit on any number of ranks. An update falls on the optimizer
+step that reaches its schedule step (the same step when the batches per step divide t0 and Δt; when
+one step crosses several updates, the last of them is made). Every rank takes the same optimizer
+steps (DDP pads the data to equal batch counts; exact steps are the same list everywhere), so all of
+them reach each update together and run its collectives in step.
 """
 
 from __future__ import annotations
@@ -44,10 +47,8 @@ def first_target(config: RunConfig, target: float) -> float:
 class GradualPruner:
     """`after_step` hook of `hpcprune.train.finetune.train` that moves the masks on schedule."""
 
-    def __init__(self, config: RunConfig, model: torch.nn.Module, target: float, reselect: Reselect,
-                 world_size: int = 1):
+    def __init__(self, config: RunConfig, model: torch.nn.Module, target: float, reselect: Reselect):
         self._schedule, self._model, self._target, self._reselect = config.schedule, model, target, reselect
-        self._batches_per_step = world_size  # schedule steps one optimizer step covers
         self.step = 0  # schedule steps done: batches of data.batch_size, over all ranks
         self.selection: Selection | None = None  # of the latest update
         self.updates: list[tuple[int, float, int]] = []  # (schedule step, s_t, kept weights) of each update made
@@ -60,17 +61,17 @@ class GradualPruner:
             return None
         total = 0
         if splits is not None and config.finetune.epochs:
-            steps = len(make_loader(splits.train, config.data.batch_size, shuffle=True, seed=seed, world=world))
-            total = schedule_steps(steps, world.size, config.finetune.epochs)
+            total = fine_tuning_steps(config, len(splits.train), world, seed)
         if gradual_end(config.schedule) > total:
             raise UsageError(f"schedule: the last gradual update is at step {gradual_end(config.schedule)} "
                              f"(start_step + updates * interval) but fine-tuning has only {total} steps "
                              f"(batches of data.batch_size over all ranks); "
                              "raise finetune.epochs or lower schedule.interval/updates")
-        return cls(config, model, target, reselect, world.size)
+        return cls(config, model, target, reselect)
 
-    def __call__(self, enforcer: MaskEnforcer | None) -> None:
-        before, self.step = self.step, self.step + self._batches_per_step
+    def __call__(self, enforcer: MaskEnforcer | None, batches: int) -> None:
+        """After an optimizer step that took `batches` batches of data.batch_size over all ranks."""
+        before, self.step = self.step, self.step + batches
         due = gradual_update_within(self._schedule, self._target, before, self.step)
         if due is None:
             return
@@ -89,6 +90,15 @@ class GradualPruner:
     @property
     def achieved(self) -> float:
         return math.nan if self.selection is None else 1 - self.selection.kept / self.selection.total
+
+
+def fine_tuning_steps(config: RunConfig, samples: int, world, seed: int) -> int:
+    """Schedule steps the round's fine-tuning takes on `samples` training samples."""
+    epochs, batch_size = config.finetune.epochs, config.data.batch_size
+    if config.finetune.step_batches is not None:  # exact steps: every batch once, no padding
+        return -(-samples // batch_size) * epochs
+    per_rank = len(make_loader(range(samples), batch_size, shuffle=True, seed=seed, world=world))
+    return schedule_steps(per_rank, world.size, epochs)
 
 
 def schedule_steps(batches_per_rank: int, world_size: int, epochs: int) -> int:

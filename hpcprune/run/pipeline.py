@@ -27,6 +27,7 @@ from hpcprune.dist.ddp import refuse_shared_gpus
 from hpcprune.dist.failures import agreed
 from hpcprune.dist.signals import stop_here
 from hpcprune.dist.world import World
+from hpcprune.errors import UsageError
 from hpcprune.models.builders import build_model, check_takes_input, load_checkpoint
 from hpcprune.models.data import load_data
 from hpcprune.models.hf import is_hf_model
@@ -40,6 +41,7 @@ from hpcprune.run.resume import holding_archive, open_run_archive, resume_masks
 from hpcprune.run.rounds import dense_model, kept_on_rank, prune_round
 from hpcprune.run.sequential import run_sequential
 from hpcprune.train.checkpoint import SavedTraining
+from hpcprune.train.exact_steps import running_statistics_problem
 from hpcprune.train.finetune import evaluate, resolve_device
 
 
@@ -95,6 +97,10 @@ def _model_job(config: RunConfig, world: World) -> Job:
         check_takes_input(model, config.model.name, splits.input_shape, splits.num_classes)
     if config.model.checkpoint:  # before the archive exists, so a bad checkpoint leaves nothing behind
         load_checkpoint(model, config.model.checkpoint)
+    for key, training in (("pretrain.step_batches", config.pretrain), ("finetune.step_batches", config.finetune)):
+        problem = training.step_batches and running_statistics_problem(model, world.size, key)
+        if problem:  # before the archive exists
+            raise UsageError(problem)
     model.to(device)
     channels = ChannelPruning(model, plan, config.prune) if config.prune.granularity == "channel" else None
     return Job(config, world, Path(config.output.path), device, plan, ModelWeights(model), model, splits,

@@ -182,7 +182,8 @@ def _train(job: Job, train_config, *, masks, seed, label, stage, **hooks):
     if not train_config.epochs:
         return []
     config = job.config
-    model = wrap_for_training(job.model, job.world, job.device)
+    # Exact steps reduce gradients themselves; DDP would average them a second time.
+    model = job.model if train_config.step_batches else wrap_for_training(job.model, job.world, job.device)
     gradual_round = stage > 0 and config.schedule.kind == "gradual"
     resumable = EpochCheckpoint(job.world, job.path, job.side, stage, label, job.saved_training, saves=not gradual_round)
     return train(model, job.splits.train, job.splits.validation, train_config, world=job.world, device=job.device,

@@ -3,8 +3,10 @@
     hpcprune prune --config configs/quickstart.yaml --set finetune.epochs=2
 
 `train` is written for every world size: `model` may be wrapped in DistributedDataParallel (its
-forward then averages gradients across ranks), the loader shards the data by rank, and the epoch
-metrics are summed over all ranks with one allreduce, so every rank records the same numbers.
+forward then averages gradients across ranks) and the loader shards the data by rank; or, with
+`step_batches`, every step's gradient is an exact sum over fixed batches (hpcprune.train.exact_steps),
+the same at any world size. The epoch metrics are summed over all ranks, so every rank records the
+same numbers; evaluation's are the same for any world size.
 With masks, pruned weights stay exactly 0.0 (see `hpcprune.prune.masks.MaskEnforcer`).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,13 +23,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hpcprune.config import LRScheduleConfig, OptimizerConfig, TrainConfig
+from hpcprune.dist.exact_sum import sum_kept_terms
+from hpcprune.dist.failures import raise_on_every_rank
 from hpcprune.dist.world import World
 from hpcprune.errors import UsageError
 from hpcprune.models.data import make_loader, set_epoch
 from hpcprune.prune.masks import MaskEnforcer, apply_masks, unwrap
+from hpcprune.train.exact_steps import (
+    StepPlan,
+    exact_epoch,
+    running_statistics_problem,
+    share_replica,
+    take_step,
+)
 
 
 @dataclass
@@ -65,6 +78,8 @@ class Resumable(Protocol):
 
 # (logits, targets, inputs) -> scalar loss to minimise; plain cross-entropy when none is given
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (mask enforcer, batches of data.batch_size the step took over all ranks), after every optimizer step
+AfterStep = Callable[[MaskEnforcer | None, int], None]
 
 
 # --- optimizers and learning-rate schedules (registries: a new one is one entry) ------------------
@@ -116,7 +131,7 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, *, world: W
           progress: bool = False, describe: str = "train",
           on_epoch_end: Callable[[EpochRecord], None] | None = None,
           resumable: Resumable | None = None, loss_fn: LossFn | None = None,
-          after_step: Callable[[MaskEnforcer | None], None] | None = None) -> list[EpochRecord]:
+          after_step: AfterStep | None = None) -> list[EpochRecord]:
     """Train `model` (already on `device`, possibly DDP-wrapped) for `cfg.epochs` epochs.
 
     `eval_data` (None: no evaluation) is evaluated after every epoch; `on_epoch_end` receives each
@@ -132,17 +147,17 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, *, world: W
     if masks is not None:
         apply_masks(unwrap(model), masks)
         enforcer = MaskEnforcer(model, masks, optimizer)
-    loader = make_loader(train_data, batch_size, shuffle=True, seed=seed, world=world)
+    run_epoch = _epoch_runner(model, train_data, cfg, optimizer, enforcer, world=world, device=device, seed=seed,
+                              batch_size=batch_size, loss_fn=loss_fn, after_step=after_step)
 
     state = TrainingState(model, optimizer, schedule, cfg.epochs)
     if resumable is not None:
         resumable.restore(state)
     records = state.records
     for epoch in range(state.epoch, cfg.epochs):
-        set_epoch(loader, epoch)
-        batches = _progress_bar(loader, f"{describe} {epoch + 1}/{cfg.epochs}") if progress and world.is_root else loader
-        train_loss = one_epoch(model, batches, optimizer, enforcer, world=world, device=device,
-                               loss_fn=loss_fn, after_step=after_step)
+        shown = progress and world.is_root
+        bar = partial(_progress_bar, description=f"{describe} {epoch + 1}/{cfg.epochs}") if shown else None
+        train_loss = run_epoch(epoch, bar)
         schedule.step()
         eval_loss, eval_accuracy = _evaluate_or_nan(model, eval_data, world=world, device=device, batch_size=eval_batch_size)
         records.append(EpochRecord(epoch + 1, train_loss, eval_loss, eval_accuracy))
@@ -153,9 +168,37 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, *, world: W
     return records
 
 
+def _epoch_runner(model, train_data, cfg: TrainConfig, optimizer, enforcer, *, world: World, device, seed: int,
+                  batch_size: int, loss_fn, after_step) -> Callable[[int, Callable | None], float]:
+    """(epoch, progress wrapper or None) -> mean training loss: DDP's steps, or exact steps (`cfg.step_batches`)."""
+    if cfg.step_batches is not None:
+        if model is not unwrap(model):
+            raise ValueError("exact steps reduce the gradients themselves: train the model itself, not a DDP wrapper")
+        problem = running_statistics_problem(model, world.size, "step_batches")
+        if problem:  # every rank finds it alike (the pipeline refuses it earlier, before the archive exists)
+            raise_on_every_rank(world, UsageError(problem))
+        share_replica(model, world)
+        plan = StepPlan(len(train_data), batch_size, cfg.step_batches, seed, world.rank, world.size)
+        loss_of = loss_fn or _cross_entropy
+        return lambda epoch, bar: exact_epoch(model, train_data, plan, epoch, optimizer, enforcer, world=world,
+                                              device=device, loss_of=loss_of, after_step=after_step,
+                                              wrap_steps=bar or iter)
+    loader = make_loader(train_data, batch_size, shuffle=True, seed=seed, world=world)
+
+    def run_epoch(epoch: int, bar: Callable | None) -> float:
+        set_epoch(loader, epoch)
+        return one_epoch(model, bar(loader) if bar else loader, optimizer, enforcer, world=world, device=device,
+                         loss_fn=loss_fn, after_step=after_step)
+    return run_epoch
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, targets)
+
+
 def one_epoch(model: nn.Module, batches: Iterable, optimizer: Optimizer, enforcer: MaskEnforcer | None, *,
               world: World, device: torch.device, loss_fn: LossFn | None = None,
-              after_step: Callable[[MaskEnforcer | None], None] | None = None) -> float:
+              after_step: AfterStep | None = None) -> float:
     """One pass over `batches`; returns the mean training loss over the samples of all ranks."""
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no sync per batch
@@ -166,22 +209,16 @@ def one_epoch(model: nn.Module, batches: Iterable, optimizer: Optimizer, enforce
         logits = model(inputs)  # model(), not the module: DDP syncs gradients here
         loss = F.cross_entropy(logits, targets) if loss_fn is None else loss_fn(logits, targets, inputs)
         loss.backward()
-        if enforcer is not None:
-            enforcer.before_step()
-        optimizer.step()
-        if enforcer is not None:
-            enforcer.after_step()
-        if after_step is not None:
-            after_step(enforcer)
+        take_step(optimizer, enforcer, after_step, world.size)  # DDP: one batch per rank
         loss_sum += loss.detach() * len(targets)
         samples += len(targets)
     totals = world.allreduce_sum(np.array([loss_sum.item(), samples], dtype=np.float64))
     return _ratio(totals[0], totals[1])
 
 
-def _progress_bar(loader, description: str):
+def _progress_bar(steps, description: str):
     # disable=None: tqdm switches itself off when stderr is not a terminal (batch jobs, logs).
-    return tqdm(loader, desc=description, leave=False, disable=None, unit="batch")
+    return tqdm(steps, desc=description, leave=False, disable=None, unit="step")
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -189,23 +226,28 @@ def _progress_bar(loader, description: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, world: World, device: torch.device, batch_size: int) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over `data` as sharded across all ranks; NaN for no samples."""
-    # pad=False: every sample counted exactly once over the ranks, so ranks may hold different numbers
-    # of batches; hence the unwrapped module, as a DDP forward may run collectives (buffer broadcast)
-    # that would then wait forever.
+    """(mean cross-entropy, accuracy) over `data`, the same bits for any world size; NaN for no samples.
+
+    Batch b is samples [b*batch_size, (b+1)*batch_size), computed whole on rank b mod n (the same
+    logits wherever it runs), and the batches' loss sums are added exactly (hpcprune.dist.exact_sum).
+    """
+    # The ranks hold different numbers of batches; hence the unwrapped module, as a DDP forward may
+    # run collectives (buffer broadcast) that would then wait forever.
     module = unwrap(model)
     was_training = module.training
     module.eval()
-    loader = make_loader(data, batch_size, shuffle=False, seed=0, world=world, pad=False)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
-    for inputs, targets in loader:
+    batches = -(-len(data) // batch_size)
+    mine = [list(range(b * batch_size, min(len(data), (b + 1) * batch_size))) for b in range(world.rank, batches, world.size)]
+    losses, correct, samples = [], torch.zeros((), dtype=torch.int64, device=device), 0  # on device: no sync per batch
+    for inputs, targets in DataLoader(data, batch_sampler=mine, num_workers=0):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         logits = module(inputs)
-        sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-        sums[1] += (logits.argmax(dim=1) == targets).sum()
-        sums[2] += len(targets)
+        losses.append(F.cross_entropy(logits, targets, reduction="sum").double().reshape(1))
+        correct += (logits.argmax(dim=1) == targets).sum()
+        samples += len(targets)
     module.train(was_training)
-    loss_sum, correct, samples = world.allreduce_sum(sums.cpu().numpy())
+    loss_sum = float(sum_kept_terms(losses, (1,), batches, world)[0])
+    correct, samples = world.allreduce_sum(np.array([int(correct), samples], dtype=np.int64))
     return _ratio(loss_sum, samples), _ratio(correct, samples)
 
 
