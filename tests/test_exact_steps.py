@@ -9,8 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from hpcprune.config import load_config
 from hpcprune.dist.world import SingleWorld
+from hpcprune.models.builders import build_model
+from hpcprune.models.data import load_data
 from hpcprune.train.exact_steps import StepPlan, exact_epoch
+from hpcprune.train.finetune import train
 from tests.helpers import CONFIGS, driver, launch
 
 
@@ -57,3 +61,26 @@ def test_batchnorm_models_are_refused_with_exact_steps_on_several_ranks(mpirun, 
     ours = [line for line in finished.stderr.splitlines() if line.startswith("hpcprune")]  # mpirun adds its own report
     assert len(ours) == 1 and ours[0].startswith("hpcprune: error: pretrain.step_batches: exact steps on 2 ranks"), ours
     assert "BatchNorm" in ours[0] and "Traceback" not in finished.stderr and not out.exists()
+
+
+def trained_with_threads(threads: int) -> list[torch.Tensor]:
+    """LeNet-300-100 after one epoch of exact steps on 4096 Fashion-MNIST images, torch set to `threads`."""
+    config = load_config(CONFIGS / "fmnist_lenet300_gradual.yaml", ["data.train_limit=4096", "pretrain.epochs=1"])
+    splits = load_data(config.data, config.seed)
+    torch.manual_seed(0)
+    model = build_model(config.model, in_channels=1, num_classes=10)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        train(model, splits.train, None, config.pretrain, world=SingleWorld(), device=torch.device("cpu"), seed=0,
+              batch_size=config.data.batch_size, eval_batch_size=1000)
+    finally:
+        torch.set_num_threads(before)
+    return [parameter.detach().clone() for parameter in model.parameters()]
+
+
+def test_exact_steps_give_the_same_weights_whatever_torchs_thread_count():
+    """1 rank of 2 threads must train as 2 ranks of 1 thread each do: a reduction split over threads
+    (a bias gradient) adds in another order, so exact steps compute on one thread."""
+    one, two = trained_with_threads(1), trained_with_threads(2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))

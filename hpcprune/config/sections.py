@@ -84,7 +84,8 @@ class TrainConfig(Section):
     lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
     step_batches: int | None = Field(None, gt=0)
     """Batches of data.batch_size per optimizer step over all ranks, their gradients summed exactly
-    (hpcprune.train.exact_steps): the same training, bit for bit, at any world size. None: each rank
+    (hpcprune.train.exact_steps): the same training, bit for bit, at any world size, one thread per
+    rank. None: each rank
     takes one batch per step and DDP averages the gradients (faster; the weights then depend on the
     world size in their last bits, and so may masks chosen after training)."""
 

@@ -15,9 +15,15 @@ The step's gradient is that total divided by the step's samples: the mean one pr
 over all of them. Replicas start from rank 0's tensors and stay equal, since every rank applies the
 same gradient.
 
+Each rank computes on one thread: torch's CPU kernels split a reduction (a bias gradient, a sum
+over the batch) over threads and add the partial sums in an order that depends on their number,
+so one rank with 2 threads would differ from 2 ranks with 1; the parallelism of exact steps is the
+ranks' (launch one per core).
+
 Precision: a batch's gradient keeps at least 50 significant bits relative to its largest element,
 far beyond float32's 24. Cost: two collectives per step (the scales, then the gradient as int64,
-twice the float32 bytes) and no overlap of communication with the backward pass, which DDP has.
+twice the float32 bytes), no overlap of communication with the backward pass, which DDP has, and
+one thread per rank.
 BatchNorm's running statistics follow the batches a rank computes, so they would differ between
 ranks: such models train with `step_batches` on one rank only, and are refused on more.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -117,22 +124,43 @@ def exact_epoch(model: nn.Module, data: Dataset, plan: StepPlan, epoch: int, opt
     model.train()
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     losses = []
-    for step in wrap_steps(plan.epoch(epoch)):
-        terms = []
-        for index, samples in step.local:
-            inputs, targets = (part.to(device, non_blocking=True)
-                               for part in default_collate([data[sample] for sample in samples]))
-            torch.manual_seed(plan.batch_seed(epoch, index))
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(model(inputs), targets, inputs) * len(targets)  # summed: batches weigh by samples
-            loss.backward()
-            terms.append(_flat_gradient(parameters))
-            losses.append(loss.detach().to(torch.float64).reshape(1))
-        total = sum_kept_terms(terms, (_numel(parameters),), step.batches, world)
-        _set_gradient(parameters, total / step.samples)
-        take_step(optimizer, enforcer, after_step, step.batches)
+    with one_thread():
+        for step in wrap_steps(plan.epoch(epoch)):
+            _one_step(model, data, plan, epoch, step, parameters, losses, optimizer, enforcer,
+                      world=world, device=device, loss_of=loss_of, after_step=after_step)
     loss_sum = sum_kept_terms(losses, (1,), plan.batches, world)
     return float(loss_sum[0] / plan.size) if plan.size else math.nan
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's CPU kernels on one thread: split over threads, a reduction (a bias gradient, a sum over
+    the batch) adds its partial sums in another order, and 1 rank with 2 threads would differ in
+    the last bits from 2 ranks with 1. The ranks are the parallelism of exact steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_step(model, data, plan: StepPlan, epoch: int, step: Step, parameters, losses: list, optimizer, enforcer, *,
+              world: World, device, loss_of: Callable, after_step: Callable | None) -> None:
+    """This rank's batches of `step`, the exact sum of all ranks' gradients, and the optimizer step."""
+    terms = []
+    for index, samples in step.local:
+        inputs, targets = (part.to(device, non_blocking=True)
+                           for part in default_collate([data[sample] for sample in samples]))
+        torch.manual_seed(plan.batch_seed(epoch, index))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(model(inputs), targets, inputs) * len(targets)  # summed: batches weigh by samples
+        loss.backward()
+        terms.append(_flat_gradient(parameters))
+        losses.append(loss.detach().to(torch.float64).reshape(1))
+    total = sum_kept_terms(terms, (_numel(parameters),), step.batches, world)
+    _set_gradient(parameters, total / step.samples)
+    take_step(optimizer, enforcer, after_step, step.batches)
 
 
 def take_step(optimizer, enforcer, after_step: Callable | None, batches: int) -> None:
