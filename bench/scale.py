@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import struct
@@ -136,8 +137,8 @@ def run_ranks(ranks: int, config: Path, threads: int | None) -> dict:
     wall = time.perf_counter() - started
     if finished.returncode:
         raise SystemExit(f"mpirun -n {ranks} failed:\n{finished.stderr}")
-    peaks = sorted((int(rank), int(kib)) for rank, kib in
-                   (line.split()[1:3] for line in finished.stderr.splitlines() if line.startswith("PEAK_RSS")))
+    # mpirun forwards the ranks' stderr in pieces: two ranks' reports may share a line
+    peaks = sorted((int(rank), int(kib)) for rank, kib in re.findall(r"PEAK_RSS (\d+) (\d+)", finished.stderr))
     return {"ranks": ranks, "threads": threads, "wall_seconds": wall, "peak_rss_bytes": [kib * 1024 for _, kib in peaks]}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -39,11 +40,15 @@ class ModelWeights:
 
 
 class CheckpointWeights:
-    """A safetensors file read tensor by tensor with plain reads into one reused buffer.
+    """A safetensors file read tensor by tensor with plain reads into two reused buffers.
 
     Plain reads at the header's offsets copy each tensor once from the page cache; mapping the file
-    instead costs a page fault per 4 KiB and was four times slower here. `get` returns a view of the
-    buffer, valid until the next `get`: scoring consumes it at once.
+    instead costs a page fault per 4 KiB and was four times slower here. `get` returns a view of a
+    buffer, valid until the next `get`: scoring consumes it at once. Told the order of its reads
+    (`read_ahead`), it reads the next tensor into the other buffer on a thread while the caller
+    scores this one: a checkpoint larger than memory comes from disk, and a synchronous read would
+    leave the rank idle for it (and two ranks sharing one disk idle longer). Memory: two of the
+    largest tensor.
     """
 
     def __init__(self, path: str | Path):
@@ -55,25 +60,59 @@ class CheckpointWeights:
         self.shapes = {name: tuple(entry["shape"]) for name, entry in header.items()}
         self.dtypes = {name: entry["dtype"] for name, entry in header.items()}
         self._offsets = {name: tuple(entry["data_offsets"]) for name, entry in header.items()}
-        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self._current = 0  # the buffer of the tensor `get` returned last
+        self._following: dict[str, str] = {}  # tensor -> the one read ahead after it
+        self._pending: tuple[str, Future] | None = None  # (tensor, its read into the other buffer)
+        self._reader: ThreadPoolExecutor | None = None
 
     def prunable(self) -> list[tuple[str, tuple[int, ...]]]:
         """Floating tensors of 2+ dimensions named *weight, in name order (the order ties are broken in)."""
         return [(name, shape) for name, shape in sorted(self.shapes.items())
                 if len(shape) >= 2 and self.dtypes[name] in FLOAT_DTYPES and name.endswith("weight")]
 
+    def read_ahead(self, names: list[str]) -> None:
+        """`get` will ask for `names` in this order, pass after pass: each call reads the next one ahead."""
+        self._following = {name: names[(i + 1) % len(names)] for i, name in enumerate(names)} if len(names) > 1 else {}
+
     def get(self, name: str) -> torch.Tensor:
+        raw = self._take(name)
+        following = self._following.get(name)
+        if following is not None:
+            self._pending = (following, self._pool().submit(self._read_into, following, 1 - self._current))
+        tensor = raw.view(DTYPES[self.dtypes[name]]).view(self.shapes[name])
+        require_finite(tensor, f"checkpoint {self.path}: tensor {name!r}")
+        return tensor
+
+    def _take(self, name: str) -> torch.Tensor:
+        """`name`'s bytes in buffer self._current: the read ahead if it was this tensor, else a read now."""
+        if self._pending is not None:
+            ahead, read = self._pending
+            self._pending = None
+            if ahead == name:  # its error, if any, is this call's
+                self._current = 1 - self._current
+                return read.result()
+            try:
+                read.result()  # the other buffer is settled before anything reuses it
+            except UsageError:
+                pass  # a tensor not asked for after all: its problem is reported if it ever is
+        return self._read_into(name, self._current)
+
+    def _read_into(self, name: str, slot: int) -> torch.Tensor:
         start, end = self._offsets[name]
-        if self._buffer.numel() < end - start:
-            self._buffer = torch.empty(end - start, dtype=torch.uint8)
-        raw = self._buffer[: end - start]
+        if self._buffers[slot].numel() < end - start:
+            self._buffers[slot] = torch.empty(end - start, dtype=torch.uint8)
+        raw = self._buffers[slot][: end - start]
         with open(self.path, "rb", buffering=0) as checkpoint:
             checkpoint.seek(self._data_start + start)
             if checkpoint.readinto(memoryview(raw.numpy())) != end - start:
                 raise UsageError(f"checkpoint {self.path} is truncated: tensor {name} is incomplete")
-        tensor = raw.view(DTYPES[self.dtypes[name]]).view(self.shapes[name])
-        require_finite(tensor, f"checkpoint {self.path}: tensor {name!r}")
-        return tensor
+        return raw
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcprune-read-ahead")
+        return self._reader
 
 
 def _require_complete(path: Path, header: dict, data_start: int) -> None:

@@ -148,8 +148,9 @@ def run_shard(folder: str, rank: int) -> str:
         update={"progress": False})
     plan = description.plan()
     world = ReplayWorld(files, rank, description.shards, linger_s=description.linger_s)
-    shard = ShardJob(config, world, plan, CheckpointWeights(description.weights),
-                     previous_masks(description.previous, plan.local(rank)))
+    weights = CheckpointWeights(description.weights)
+    weights.read_ahead([spec.name for spec in plan.local(rank)])
+    shard = ShardJob(config, world, plan, weights, previous_masks(description.previous, plan.local(rank)))
     try:
         selection = select_weights(shard, description.target)
     except StageReached as reached:

@@ -110,4 +110,5 @@ def _model_job(config: RunConfig, world: World) -> Job:
 def _checkpoint_job(config: RunConfig, world: World) -> Job:
     weights = CheckpointWeights(config.model.checkpoint)
     plan = make_plan(weights.prunable(), config.prune, world.size)
+    weights.read_ahead([spec.name for spec in plan.local(world.rank)])  # selection's passes, in order
     return Job(config, world, Path(config.output.path), torch.device("cpu"), plan, weights)
