@@ -68,11 +68,6 @@ class StepPlan:
         """Batches per epoch (the last one may be short)."""
         return -(-self.size // self.batch_size)
 
-    @property
-    def steps(self) -> int:
-        """Optimizer steps per epoch (the last one may have fewer batches)."""
-        return -(-self.batches // self.step_batches)
-
     def epoch(self, epoch: int) -> Iterator[Step]:
         # The order of SeededShuffle, the one-process loader: step_batches 1 on one rank sees its batches.
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
@@ -190,4 +185,3 @@ def _set_gradient(parameters: list[torch.Tensor], flat: torch.Tensor) -> None:
         size = parameter.numel()
         parameter.grad = flat[offset:offset + size].view(parameter.shape).to(parameter.device, parameter.dtype)
         offset += size
-

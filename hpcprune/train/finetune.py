@@ -207,7 +207,7 @@ def one_epoch(model: nn.Module, batches: Iterable, optimizer: Optimizer, enforce
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         logits = model(inputs)  # model(), not the module: DDP syncs gradients here
-        loss = F.cross_entropy(logits, targets) if loss_fn is None else loss_fn(logits, targets, inputs)
+        loss = (loss_fn or _cross_entropy)(logits, targets, inputs)
         loss.backward()
         take_step(optimizer, enforcer, after_step, world.size)  # DDP: one batch per rank
         loss_sum += loss.detach() * len(targets)
