@@ -92,12 +92,14 @@ class LazyScores(Mapping[str, torch.Tensor]):
     def __init__(self, values: dict[str, torch.Tensor]):
         self._values = values
         self.reads = dict.fromkeys(values, 0)
+        self.order: list[str] = []  # every access, in turn
         self._handed_out: list[weakref.ref] = []
         self.most_alive = 0  # most score buffers alive at once, counted as each new one is handed out
 
     def __getitem__(self, name: str) -> torch.Tensor:
         buffer = self._values[name].numpy().copy()
         self.reads[name] += 1
+        self.order.append(name)
         self._handed_out.append(weakref.ref(buffer))
         self.most_alive = max(self.most_alive, self.alive())
         return torch.from_numpy(buffer)
@@ -425,6 +427,20 @@ def test_global_reads_again_only_past_the_retain_limit(monkeypatch, two_threads,
     chosen = select("global", lazy, plan, SingleWorld(), sparsity=0.45)
     assert max(lazy.reads.values()) == most_reads
     assert lazy.most_alive == 1 and lazy.alive() == 0
+    assert_same_bool_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
+
+
+def test_each_pass_reads_the_tensors_in_the_reverse_order_of_the_pass_before(monkeypatch):
+    # What a pass read last is what the page cache still holds of a checkpoint larger than memory.
+    monkeypatch.setattr(radix, "RETAIN_LIMIT", 0)  # pass 3 runs
+    plan = make_plan()
+    fixed = random_scores(plan, seed=31)
+    lazy = LazyScores(fixed)
+    chosen = select("global", lazy, plan, SingleWorld(), sparsity=0.45)
+    names = [spec.name for spec in plan.local(0)]
+    assert lazy.order[: 2 * len(names)] == names + names[::-1]
+    third = lazy.order[2 * len(names):]  # the tensors with elements in the boundary's bin, forward again
+    assert third and third == sorted(set(third), key=names.index)
     assert_same_bool_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
 
 

@@ -58,21 +58,25 @@ def test_only_safetensors_files(tmp_path):
         CheckpointWeights(tmp_path / "model.pt")
 
 
-def test_reads_ahead_in_the_given_order_and_still_answers_any_other_request(tmp_path):
-    """Two passes in the announced order, then requests out of it: every tensor read back exactly,
-    each valid until the next request (the read ahead fills the other buffer, never this one)."""
+def test_reads_ahead_back_and_forth_over_the_given_order_and_still_answers_any_other_request(tmp_path):
+    """Passes over the announced order, each the reverse of the one before, then requests out of it:
+    every tensor read back exactly, each valid until the next request (the read ahead fills the
+    other buffer, never this one), and within the passes every read ahead is the next request."""
     path = tmp_path / "model.safetensors"
     tensors = {f"l{i}.weight": torch.randn(64 + i, 48) for i in range(5)}
     save_file(tensors, str(path))
     weights = CheckpointWeights(path)
     order = ["l3.weight", "l0.weight", "l4.weight", "l1.weight"]
     weights.read_ahead(order)
-    requests = order + order + ["l2.weight", "l4.weight", "l4.weight", "l0.weight", "l3.weight"]
-    for name in requests:
+    passes = order + order[::-1] + order
+    requests = passes + ["l2.weight", "l4.weight", "l4.weight", "l0.weight", "l3.weight"]
+    for index, name in enumerate(requests):
         read = weights.get(name)
         assert torch.equal(read, tensors[name]), name
         following = weights._pending[0] if weights._pending else None
-        assert following == (order[(order.index(name) + 1) % len(order)] if name in order else None)
+        if index + 1 < len(passes):
+            assert following == passes[index + 1], (index, name)
+        assert (following is None) == (name not in order)
         if weights._pending:
             weights._pending[1].result()  # the read ahead done: it went to the other buffer
         assert torch.equal(read, tensors[name]), f"{name} changed while {following} was read ahead"

@@ -47,8 +47,9 @@ class CheckpointWeights:
     buffer, valid until the next `get`: scoring consumes it at once. Told the order of its reads
     (`read_ahead`), it reads the next tensor into the other buffer on a thread while the caller
     scores this one: a checkpoint larger than memory comes from disk, and a synchronous read would
-    leave the rank idle for it (and two ranks sharing one disk idle longer). Memory: two of the
-    largest tensor.
+    leave the rank idle for it (and two ranks sharing one disk idle longer). Passes go back and
+    forth over that order (hpcprune.prune.streaming.Streamer), so the tensor after the last of a
+    pass is that same tensor again. Memory: two of the largest tensor.
     """
 
     def __init__(self, path: str | Path):
@@ -62,7 +63,10 @@ class CheckpointWeights:
         self._offsets = {name: tuple(entry["data_offsets"]) for name, entry in header.items()}
         self._buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._current = 0  # the buffer of the tensor `get` returned last
-        self._following: dict[str, str] = {}  # tensor -> the one read ahead after it
+        self._order: list[str] = []  # the announced order of the reads
+        self._position: dict[str, int] = {}  # tensor -> its place in that order
+        self._last: int | None = None  # place of the tensor `get` returned last, if announced
+        self._direction = 1  # of the pass going on: +1 forward, -1 back
         self._pending: tuple[str, Future] | None = None  # (tensor, its read into the other buffer)
         self._reader: ThreadPoolExecutor | None = None
 
@@ -72,17 +76,31 @@ class CheckpointWeights:
                 if len(shape) >= 2 and self.dtypes[name] in FLOAT_DTYPES and name.endswith("weight")]
 
     def read_ahead(self, names: list[str]) -> None:
-        """`get` will ask for `names` in this order, pass after pass: each call reads the next one ahead."""
-        self._following = {name: names[(i + 1) % len(names)] for i, name in enumerate(names)} if len(names) > 1 else {}
+        """`get` will ask for `names` in this order, then in reverse, and so on: each call reads the next one ahead."""
+        self._order = list(names) if len(names) > 1 else []
+        self._position = {name: place for place, name in enumerate(self._order)}
+        self._last, self._direction = None, 1
 
     def get(self, name: str) -> torch.Tensor:
         raw = self._take(name)
-        following = self._following.get(name)
+        following = self._following(name)
         if following is not None:
             self._pending = (following, self._pool().submit(self._read_into, following, 1 - self._current))
         tensor = raw.view(DTYPES[self.dtypes[name]]).view(self.shapes[name])
         require_finite(tensor, f"checkpoint {self.path}: tensor {name!r}")
         return tensor
+
+    def _following(self, name: str) -> str | None:
+        """The tensor the caller will most likely ask for after `name`, going on the way it is going."""
+        place = self._position.get(name)
+        if place is None:
+            return None
+        if self._last is not None:
+            # The same tensor twice: a pass ended here and the next turned back; else the step's sign.
+            self._direction = -self._direction if place == self._last else (1 if place > self._last else -1)
+        self._last = place
+        following = place + self._direction
+        return self._order[following] if 0 <= following < len(self._order) else name
 
     def _take(self, name: str) -> torch.Tensor:
         """`name`'s bytes in buffer self._current: the read ahead if it was this tensor, else a read now."""

@@ -147,9 +147,15 @@ class Streamer:
     its kernels on a chunk (bincount, aminmax) then start no intra-op pool, and a lazy mapping's
     scoring leaves no OpenMP team spinning for milliseconds after each tensor, taking a core from
     the workers (scoring on the CPU runs on one thread; the chunks of its result on all of them).
+
+    Passes alternate direction: forward, back, forward. A checkpoint larger than memory then finds
+    the tensors the last pass read last still in the page cache; passes in one direction would find
+    none, each read evicting what the next pass needs first. Nothing a pass adds up depends on the
+    order it reads tensors in (counts add, bits have fixed places, retained elements are sorted).
     """
 
     def __init__(self):
+        self._passes = 0
         self._threads = torch.get_num_threads()
         self.workers = max(1, self._threads)
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
@@ -165,6 +171,8 @@ class Streamer:
 
     def run(self, tensors: Tensors, positions, work: Callable, zero: Callable):
         partials = [zero() for _ in range(self.workers)]
+        positions = list(positions) if self._passes % 2 == 0 else list(positions)[::-1]
+        self._passes += 1
         for position in positions:
             self._stream(tensors, position, work, partials)
         return reduce(operator.add, partials)
