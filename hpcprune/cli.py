@@ -59,17 +59,19 @@ def prune(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
     """
     from hpcprune.archive.atomic import refuse_own_input
     from hpcprune.config import load_config
-    from hpcprune.dist import signals
-    from hpcprune.dist.detect import detect_world
-    from hpcprune.run.pipeline import run
 
-    signals.listen()  # first: from here on a signal can no longer kill the run mid-write
     if resume and force:
         raise UsageError("--resume and --force contradict each other: pick one")
     all_overrides = [*overrides, *_out_override(out)]
     config = load_config(config_path, all_overrides)
     refuse_own_input(config.output.path, files=[path for path in (config_path, config.model.checkpoint) if path],
                      option="output.path")
+    # Only now torch and the pipeline (seconds to import): a config refused above is refused at once.
+    from hpcprune.dist import signals
+    from hpcprune.dist.detect import detect_world
+    from hpcprune.run.pipeline import run
+
+    signals.listen()  # before anything is written: from here on a signal can no longer kill the run mid-write
     world = detect_world()
     setup_logging(world.rank, quiet)
     with ends_every_rank_on_failure(world), signals.exits_when_preempted(world):
@@ -140,12 +142,13 @@ def submit(config_path: str | None, overrides: tuple[str, ...], out: str | None,
     from pathlib import Path
 
     from hpcprune.config import load_config
-    from hpcprune.run.submit import SubmitOptions
-    from hpcprune.run.submit import submit as submit_job
 
     if resume and force:
         raise UsageError("--resume and --force contradict each other: pick one")
     config = load_config(config_path, [*overrides, *_out_override(out)])
+    from hpcprune.run.submit import SubmitOptions  # after the config: a bad one is refused without importing torch
+    from hpcprune.run.submit import submit as submit_job
+
     options = SubmitOptions(nodes, tasks_per_node, gpus_per_task, time_min, partition, cluster)
     job = submit_job(config, options, resume=resume, force=force)
     click.echo(f"job {job.job_id} submitted\narchive {Path(config.output.path).absolute()}\n"

@@ -31,6 +31,7 @@ from tests.helpers import (
     assert_same_masks,
     flip_mask_byte,
     launch,
+    run_cli,
 )
 from tests.mounts import fill
 
@@ -65,6 +66,17 @@ def test_wrong_type_is_named_with_the_value(workspace):
     bad = write_config(workspace, "data:\n  batch_size: many\n")
     refused(workspace, "prune", "--config", str(bad), "--out", str(workspace / "new.h5"),
             fragment="data.batch_size: Input should be a valid integer")
+
+
+@pytest.mark.parametrize("command", ["prune", "submit"])
+def test_a_bad_config_is_refused_before_torch_is_imported(tmp_path, command):
+    """A refusal costs a fraction of a second, not the seconds torch takes to import."""
+    done = run_cli(command, "--set", "prune.sparsityy=0.5", "--out", str(tmp_path / "run.h5"),
+                   python_args=("-X", "importtime"))
+    assert done.returncode == 2 and "prune.sparsityy: unknown key" in done.stderr, done.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "hpcprune.config" in imported and "torch" not in imported
+    assert not (tmp_path / "run.h5").exists()
 
 
 @pytest.mark.parametrize("sparsity", ["1.0", "-0.1"])
