@@ -125,21 +125,32 @@ class PageCache:
 # --- runs ---------------------------------------------------------------------------------------------
 
 
+def disk_read_bytes() -> int:
+    """Bytes the whole machine has read from block devices so far (/proc/vmstat pgpgin, in KiB): on a
+    quiet machine the difference over a run is what that run read from disk, page cache misses only."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, value = line.split()
+        if name == "pgpgin":
+            return int(value) * 1024
+    return 0
+
+
 def run_ranks(ranks: int, config: Path, threads: int | None) -> dict:
-    """One `mpirun -n RANKS` of the CLI; wall time and each rank's peak RSS."""
+    """One `mpirun -n RANKS` of the CLI; wall time, each rank's peak RSS, and the bytes read from disk."""
     command = ["mpirun", "-n", str(ranks), sys.executable, __file__, "--as-rank", "prune", "--config", str(config), "--force", "-q"]
     env = {name: value for name, value in os.environ.items() if name not in THREAD_VARIABLES}  # default: torch's own
     env.update(MPI_ENV)
     if threads is not None:
         env.update({variable: str(threads) for variable in THREAD_VARIABLES}, HPCPRUNE_BENCH_THREADS=str(threads))
-    started = time.perf_counter()
+    started, read_before = time.perf_counter(), disk_read_bytes()
     finished = subprocess.run(command, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
+    wall, read = time.perf_counter() - started, disk_read_bytes() - read_before
     if finished.returncode:
         raise SystemExit(f"mpirun -n {ranks} failed:\n{finished.stderr}")
     # mpirun forwards the ranks' stderr in pieces: two ranks' reports may share a line
     peaks = sorted((int(rank), int(kib)) for rank, kib in re.findall(r"PEAK_RSS (\d+) (\d+)", finished.stderr))
-    return {"ranks": ranks, "threads": threads, "wall_seconds": wall, "peak_rss_bytes": [kib * 1024 for _, kib in peaks]}
+    return {"ranks": ranks, "threads": threads, "wall_seconds": wall, "peak_rss_bytes": [kib * 1024 for _, kib in peaks],
+            "disk_read_bytes": read}
 
 
 def as_rank(argv: list[str]) -> None:
@@ -302,20 +313,21 @@ def render(result: dict) -> str:
         f"{result['sparsity']}, {result['cores']} cores; {cache_line} (cold sequential read "
         f"{cache['cold_read_bytes_per_second'] / 1e9:.2f} GB/s).",
         "",
-        "| ranks x threads | wall s | score + select s | record s | rest s | peak RSS per rank (GiB) | max RSS / bound |",
-        "|---|---:|---:|---:|---:|---|---:|",
+        "| ranks x threads | wall s | score + select s | record s | rest s | read from disk (GiB) | peak RSS per rank (GiB) | max RSS / bound |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for run in result["runs"]:
         peaks = ", ".join(f"{peak / GIB:.2f}" for peak in run["peak_rss_bytes"])
         record = run["seconds_record"] + run["seconds_write"]
         lines.append(f"| {run['ranks']} x {run['threads'] or 'default'} | {run['wall_seconds']:.1f} | "
-                     f"{run['seconds_select']:.1f} | {record:.1f} | {run['rest_seconds']:.1f} | {peaks} | "
+                     f"{run['seconds_select']:.1f} | {record:.1f} | {run['rest_seconds']:.1f} | {run['disk_read_bytes'] / GIB:.1f} | {peaks} | "
                      f"{max(run['peak_rss_bytes']) / result['rss_bound_bytes']:.2f} |")
     largest = max(peak for run in result["runs"] for peak in run["peak_rss_bytes"])
     lines += [
         "",
         "record: compress, send and write the masks (streamed to rank 0 tensor by tensor); rest: start-up (interpreter, "
-        "imports, MPI), plan, archive creation and the closing event, the part no rank count shortens.",
+        "imports, MPI), plan, archive creation and the closing event, the part no rank count shortens; read from disk: "
+        "the machine's reads from block devices during the run (/proc/vmstat pgpgin), what the page cache did not hold.",
         "",
         f"- Parallel efficiency, {result['threads']} thread(s) per rank: 2 ranks {one_thread['seconds_select'] / two_threads['seconds_select']:.2f}x "
         f"the 1-rank throughput on score + select (target >= 1.85x), {one_thread['wall_seconds'] / two_threads['wall_seconds']:.2f}x "
