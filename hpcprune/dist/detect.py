@@ -73,32 +73,30 @@ def mpi_library_version() -> str | None:
     return asked.stdout.strip() if asked.returncode == 0 else None
 
 
-def _torch_world(maker: str) -> Callable[[], World | None]:
-    """hpcprune.dist.torch_dist's `maker`, imported only when called: torch takes seconds to import, and
-    the command line reads launcher_rank to refuse a bad config at once, with no world to make."""
-    def world() -> World | None:
-        from hpcprune.dist import torch_dist
+def _torch_dist():
+    """hpcprune.dist.torch_dist, imported on first use: torch takes seconds to import, and the command
+    line reads launcher_rank to refuse a bad config at once, with no world to make."""
+    from hpcprune.dist import torch_dist
 
-        return getattr(torch_dist, maker)()
-    return world
+    return torch_dist
 
 
 def _mpi_if_it_speaks(interface: str) -> Callable[[], World | None]:
     def world() -> World | None:
         version = mpi_library_version()
-        return mpi.mpi_world() if version is not None and speaks(interface, version) else _torch_world("from_srun")()
+        return mpi.mpi_world() if version is not None and speaks(interface, version) else _torch_dist().from_srun()
     return world
 
 
 # Launcher -> the World it gives (None: fewer than two ranks, a plain process after all).
 WORLDS: dict[str, Callable[[], World | None]] = {
-    "torchrun": _torch_world("from_torchrun"),
+    "torchrun": lambda: _torch_dist().from_torchrun(),
     "openmpi": mpi.mpi_world,
     "pmi": mpi.mpi_world,
     "pmix": mpi.mpi_world,
     "srun-pmix": _mpi_if_it_speaks("pmix"),
     "srun-pmi2": _mpi_if_it_speaks("pmi2"),
-    "srun": _torch_world("from_srun"),
+    "srun": lambda: _torch_dist().from_srun(),
     "none": lambda: None,
 }
 

@@ -171,7 +171,9 @@ class Streamer:
 
     def run(self, tensors: Tensors, positions, work: Callable, zero: Callable):
         partials = [zero() for _ in range(self.workers)]
-        positions = list(positions) if self._passes % 2 == 0 else list(positions)[::-1]
+        positions = list(positions)
+        if self._passes % 2:
+            positions.reverse()
         self._passes += 1
         for position in positions:
             self._stream(tensors, position, work, partials)
