@@ -24,12 +24,14 @@ CASES = [
     "opt-magnitude-layer:opt:prune.criterion=magnitude;prune.rule=layer",
     "bert-wanda-nm:bert:prune.rule=nm;prune.n=2;prune.m=4",
     "llama-sparsegpt-row:llama:prune.criterion=sparsegpt;sparsegpt.block_size=24",  # lazy blocks of 24 inputs
+    # Windows in groups of 2 (4 groups of 7 windows): 0, 1, 4, 5 + 2, 3, 6 on two ranks; 0, 1, 6 + 2, 3 + 4, 5 on three.
+    "llama-sparsegpt-grouped:llama:prune.criterion=sparsegpt;sparsegpt.block_size=24;sequential.window_group=2",
     "opt-sparsegpt-nm:opt:prune.criterion=sparsegpt;prune.rule=nm;prune.n=2;prune.m=4;sparsegpt.block_size=16",
     # Two layers left, three ranks: the gate projection's 288 rows are solved in two ranges on two ranks.
     "wide-sparsegpt-split:llama_wide:prune.criterion=sparsegpt;prune.exclude=['*.self_attn.*','*.down_proj.weight']",
     "gpt2-sparsegpt-row:gpt2:prune.criterion=sparsegpt;sparsegpt.block_size=16",  # Conv1D: weights stored in x out
 ]
-UPDATES_WEIGHTS = ("llama-sparsegpt-row", "opt-sparsegpt-nm", "wide-sparsegpt-split", "gpt2-sparsegpt-row")
+UPDATES_WEIGHTS = ("llama-sparsegpt-row", "llama-sparsegpt-grouped", "opt-sparsegpt-nm", "wide-sparsegpt-split", "gpt2-sparsegpt-row")
 FIGURES = ("kept", "achieved_sparsity", "eval_metric", "eval_dense", "eval_pruned", "blocks")
 
 

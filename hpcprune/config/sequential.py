@@ -28,6 +28,13 @@ class SequentialConfig(Section):
     activation_budget_mb: float = Field(1024.0, gt=0)
     """Per rank: activations of the rank's windows (calibration and evaluation) held in memory up to
     this many MiB; above it they are spilled to `<archive>.states/activations/rank-<r>/` (the run's states folder)."""
+    window_group: int | None = Field(None, gt=0)
+    """Calibration windows whose statistics a rank adds in float64 before they enter the exact sum
+    (hpcprune.dist.exact_sum): group g, windows [g·n, (g+1)·n), goes whole to rank g mod world size.
+    Each exact-sum term costs a few passes over a statistic as large as a layer's Hessian, so fewer,
+    larger terms save time; ranks beyond the number of groups hold no calibration windows. None:
+    4 windows a group from 64 windows on, fewer below, so there are at least 16 groups. Changing
+    it may change masks (the float64 sums round differently); resume refuses a changed value."""
     threads: int = Field(1, gt=0)
     """torch threads per rank. Fixed by the config, not by the core count, because a matrix product's
     last bits can depend on how many threads share it; the default 1 also keeps ranks on shared

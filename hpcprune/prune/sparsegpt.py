@@ -175,14 +175,16 @@ def _solve_block(w: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor, firs
     block_keep = keep[:, first:last]
     if rule.selection != "nm":
         block_keep.copy_(_choose_block(block.T, pivots, first, last, rule))
+    block_pruned = None if rule.selection == "nm" else ~block_keep.T  # a column's row of flags, contiguous
     errors = torch.zeros_like(block)
     for column in range(last - first):
         if rule.selection == "nm" and column % rule.m == 0:
             group = slice(column, column + rule.m)
             block_keep[:, group] = _keep_largest(_saliency(block[group].T, pivots[group]), rule.m - rule.n)
-        pruned = ~block_keep[:, column]
+        pruned = ~block_keep[:, column] if block_pruned is None else block_pruned[column]
         error = torch.where(pruned, block[column] / pivots[column], 0.0)
-        block[column:] -= local[column, column:, None] * error
+        # In place, with no temporary the size of the block's remaining columns: one sweep of memory.
+        block[column:].addr_(local[column, column:], error, alpha=-1.0)
         block[column].masked_fill_(pruned, 0.0)  # exactly 0, not w - (w/d)·d
         errors[column] = error
     w[:, first:last] = block.T

@@ -2,9 +2,11 @@
 
     hpcprune prune --config configs/llm_wanda.yaml     # calibration.text, eval.text
 
-Every rank tokenizes the texts the same way (hpcprune.models.text_windows) and takes the windows w
-with w mod world size == rank: calibration windows for the statistics, evaluation windows twice
-(once through the dense blocks, once through the pruned ones). The model's own forward then runs
+Every rank tokenizes the texts the same way (hpcprune.models.text_windows) and takes its share:
+evaluation windows w with w mod world size == rank, twice (once through the dense blocks, once
+through the pruned ones); calibration windows, for the statistics, in groups of
+`sequential.window_group` consecutive windows, group g on rank g mod world size (a group is one
+term of the exact sums, so it must sit whole on one rank). The model's own forward then runs
 each window up to the first block (the embeddings, loaded only for this) and what the block is
 called with is kept: hidden states in a store (memory, or spilled into the run's states folder when the
 estimate exceeds `sequential.activation_budget_mb`), the call's other arguments in memory, equal
@@ -35,6 +37,7 @@ from hpcprune.prune.sequential.activations import (
     activation_folder,
     spills,
 )
+from hpcprune.prune.sequential.input_statistics import windows_per_term
 
 FLOAT32_BYTES = 4
 
@@ -45,12 +48,14 @@ class TextWindows:
 
     ids: torch.Tensor  # [windows, length] int64
     mask: torch.Tensor | None = None  # attention mask of sentence windows (padding), None: every token
+    group: int = 1  # consecutive windows that go to one rank together (sequential.window_group)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def mine(self, world: World) -> list[int]:
-        return list(range(world.rank, len(self), world.size))
+        """Windows of the groups g with g mod world size == rank, in order."""
+        return [window for window in range(len(self)) if (window // self.group) % world.size == world.rank]
 
     def inputs(self, window: int) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": self.ids[window][None]}
@@ -66,9 +71,9 @@ def calibration_text(config: RunConfig, lazy: LazyModel) -> TextWindows | None:
     cfg, folder = config.calibration, lazy.files.folder
     if cfg.text is None:
         return None
-    if lazy.causal:
-        return TextWindows(calibration_windows(folder, cfg))
-    return TextWindows(*sentence_windows(folder, cfg))
+    windows = TextWindows(calibration_windows(folder, cfg)) if lazy.causal else TextWindows(*sentence_windows(folder, cfg))
+    windows.group = windows_per_term(len(windows), config.sequential.window_group)
+    return windows
 
 
 def evaluation_text(config: RunConfig, lazy: LazyModel) -> TextWindows | None:

@@ -4,7 +4,8 @@
 
 `BlockEngine.prune(block, layers)`, with the block's weights loaded:
 1. the block runs the rank's calibration windows one at a time, dense, with hooks that add each
-   layer's input statistics (hpcprune.prune.sequential.input_statistics), summed exactly over ranks;
+   layer's input statistics (hpcprune.prune.sequential.input_statistics), in float64 within a group of
+   windows and exactly over groups and ranks;
 2. each layer, or range of a layer's rows when there are more ranks than layers, is decided on the
    rank that owns it (hpcprune.prune.sequential.pieces, by the method's cost, costliest first) and
    the decisions reach every rank (hpcprune.prune.sequential.decisions);
@@ -48,11 +49,12 @@ class BlockOutcome:
 
 class BlockEngine:
     def __init__(self, method: BlockMethod, rule: LayerRule, world: World, runner: BlockRunner,
-                 calibration: Stream | None, windows: int, propagate: str):
+                 calibration: Stream | None, windows: int, propagate: str, window_group: int = 1):
         self.method, self.rule, self.world, self.runner = method, rule, world, runner
         self.calibration = calibration  # this rank's calibration windows (None: the run has none)
         self.windows = windows  # calibration windows over all ranks
         self.propagate = propagate
+        self.window_group = window_group  # consecutive windows summed before the exact sum (on one rank)
 
     def prune(self, block: nn.Module, layers: list[BlockLayer]) -> BlockOutcome:
         statistics, dense_outputs = self._dense_pass(block, layers)
@@ -90,7 +92,8 @@ class BlockEngine:
         bits = None
         for _ in range(RETRIES):
             outputs = self.calibration.store.fork() if keep else None
-            statistics = InputStatistics(layers, kinds, self.windows, _device(block), bits) if kinds else None
+            statistics = (InputStatistics(layers, kinds, self.windows, _device(block), bits, self.window_group)
+                          if kinds else None)
             with statistics or contextlib.nullcontext():
                 run_windows(self.calibration, block, self.runner, outputs, scope=statistics)
             try:
@@ -118,7 +121,7 @@ def run_windows(stream: Stream, block: nn.Module, runner: BlockRunner, outputs: 
         if scope is None:
             output = runner(block, hidden, call)
         else:
-            with scope.window(stream.keeps[position]):
+            with scope.window(stream.keeps[position], stream.windows[position]):
                 output = runner(block, hidden, call)
         if outputs is not None:
             outputs.put(position, output)

@@ -12,15 +12,19 @@ Layers that read the same tensor (q, k and v of attention; gate and up of a gate
 statistic: the first of them to run leads the group, and the grouping every rank saw is
 agreed on before the sums, so a rank without windows adds empty sums in the same order.
 
-A window is the unit: its terms are computed the same way on whichever rank holds it, and
-`hpcprune.dist.exact_sum` adds the terms as integers, so the totals have the same bits for any
-world size. Their float64 values are what the methods read.
+A group of consecutive windows (`sequential.window_group`, which always sits whole on one rank) is
+the unit: each window's terms are computed the same way on whichever rank holds it, the group's
+windows are added in float64 in window order, and `hpcprune.dist.exact_sum` adds the groups' sums
+as integers, so the totals have the same bits for any world size. Their float64 values are what
+the methods read. Groups, not windows, because an exact-sum term costs several passes over a
+statistic the size of a Hessian, as much as the product that made it; a float64 addition is one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -56,6 +60,15 @@ STATISTICS: dict[str, Statistic] = {
 
 LayerStatistics = dict[str, dict[str, torch.Tensor]]  # layer name -> kind -> float64 total
 
+MAX_WINDOW_GROUP = 4
+MIN_GROUPS = 16
+
+
+def windows_per_term(windows: int, configured: int | None = None) -> int:
+    """Windows a group holds: `configured`, or as many as leave at least MIN_GROUPS groups, at most
+    MAX_WINDOW_GROUP (four cut the exact sums' cost by four; more would idle ranks, not save time)."""
+    return configured or max(1, min(MAX_WINDOW_GROUP, windows // MIN_GROUPS))
+
 
 def input_rows(inputs: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """A Linear's input as rows of features; `keep` (the window's token mask) drops padding positions."""
@@ -70,13 +83,15 @@ class WindowHooks:
 
     A subclass gives `_hook(layer)` (the hook, which sees `self._keep`, the window's token mask)
     and `_end_window()` (adds the window's terms). Within `with hooks:` the hooks are registered;
-    `with hooks.window(keep):` frames one window, whose terms count only if it ends without error.
+    `with hooks.window(keep, index):` frames one window (index: its place among all calibration
+    windows), whose terms count only if it ends without error.
     """
 
     def __init__(self, layers: list[BlockLayer]):
         self.layers = layers
         self._handles: list = []
         self._keep: torch.Tensor | None = None
+        self._index: int | None = None
 
     def __enter__(self):
         for layer in self.layers:
@@ -93,11 +108,11 @@ class WindowHooks:
         self._handles.clear()
 
     @contextlib.contextmanager
-    def window(self, keep: torch.Tensor | None) -> Iterator[None]:
-        self._keep = keep
+    def window(self, keep: torch.Tensor | None, index: int | None = None) -> Iterator[None]:
+        self._keep, self._index = keep, index
         yield
         self._end_window()
-        self._keep = None
+        self._keep = self._index = None
 
     def _hook(self, layer: BlockLayer) -> Callable:
         raise NotImplementedError
@@ -109,19 +124,23 @@ class WindowHooks:
 class InputStatistics(WindowHooks):
     """Hooks on `layers` while the block runs the rank's windows; `reduce` gives every rank the totals.
 
-        with InputStatistics(layers, kinds, windows, device) as statistics:
-            for each window: with statistics.window(token_mask): run the block
+        with InputStatistics(layers, kinds, windows, device, group=n) as statistics:
+            for each window, in order: with statistics.window(token_mask, index): run the block
         totals = statistics.reduce(world)
     """
 
     def __init__(self, layers: list[BlockLayer], kinds: tuple[str, ...], windows: int, device: torch.device,
-                 mantissa_bits: int | None = None):
+                 mantissa_bits: int | None = None, group: int = 1):
         super().__init__(layers)
         self.kinds, self.windows, self.device, self.mantissa_bits = kinds, windows, device, mantissa_bits
+        self.group = group
         self.leaders: dict[str, str] = {}  # layer -> the first layer that read the same input
         self.sums: dict[tuple[str, str], ExactSum] = {}  # (leader, kind) -> this rank's sum
         self._seen: list[tuple[torch.Tensor, str]] = []  # this window's inputs and the layer that read each first
-        self._terms: dict[tuple[str, str], torch.Tensor] = {}
+        self._terms: dict[tuple[str, str], torch.Tensor] = {}  # this window's
+        self._group_terms: dict[tuple[str, str], torch.Tensor] = {}  # this group's windows so far, in order
+        self._group_index: int | None = None
+        self._windows_seen = 0
 
     def _hook(self, layer: BlockLayer) -> Callable:
         name = layer.spec.name
@@ -145,20 +164,34 @@ class InputStatistics(WindowHooks):
         return add
 
     def _end_window(self) -> None:
-        for (leader, kind), term in self._terms.items():
-            self._sum(leader, kind, term.shape).add(term)
+        index = self._windows_seen if self._index is None else self._index
+        self._windows_seen += 1
+        if index // self.group != self._group_index:
+            self._end_group()
+            self._group_index = index // self.group
+        for key, term in self._terms.items():
+            if key in self._group_terms:
+                self._group_terms[key].add_(term)
+            else:
+                self._group_terms[key] = term
         self._terms, self._seen = {}, []
+
+    def _end_group(self) -> None:
+        for (leader, kind), term in self._group_terms.items():
+            self._sum(leader, kind, term.shape).add(term)
+        self._group_terms = {}
 
     def _sum(self, leader: str, kind: str, shape) -> ExactSum:
         key = (leader, kind)
         if key not in self.sums:
-            self.sums[key] = ExactSum.of(shape, self.windows, self.device)
+            self.sums[key] = ExactSum.of(shape, math.ceil(self.windows / self.group), self.device)
             if self.mantissa_bits is not None:
                 self.sums[key].mantissa_bits = self.mantissa_bits
         return self.sums[key]
 
     def reduce(self, world: World) -> LayerStatistics:
         """Every layer's statistics over all ranks' windows (SpreadTooWide: retry with its mantissa_bits)."""
+        self._end_group()
         leaders = agree_on_leaders(self.leaders, self.layers, world)
         order = [layer for layer in self.layers if leaders[layer.spec.name] == layer.spec.name]
         sums = [self._sum(layer.spec.name, kind, STATISTICS[kind].shape(layer.in_features))

@@ -52,9 +52,9 @@ class ReconstructionErrors(WindowHooks):
             dense_rows = input_rows(output, self._keep) + lost_rows
             if module.bias is not None:
                 dense_rows -= module.bias
-            lost = lost_rows.to(torch.float64).square().sum()
-            kept = dense_rows.to(torch.float64).square().sum()
-            term = torch.stack([lost, kept])
+            # float64 norms without a float64 copy of the rows; squared, they are the sums of squares
+            term = torch.stack([torch.linalg.vector_norm(rows_, dtype=torch.float64) for rows_ in (lost_rows, dense_rows)])
+            term.square_()
             self._terms[name] = self._terms[name] + term if name in self._terms else term
         return add
 
