@@ -6,7 +6,8 @@
 Both sides prune the same model (float32) on the same calibration windows, drawn once here from
 TEXTS/calibration.txt and handed to each side as a file: `--samples` windows of `--sequence-length`
 tokens at seeded offsets, drawn by hpcprune.models.text_windows. Each method of each side runs
-in a process of its own, with `--threads` threads, and reports its pruning seconds and its peak RSS:
+in a process of its own, with `--threads` threads, and reports its pruning seconds and its peak RSS
+(VmHWM, which starts again at exec; ru_maxrss would carry this process's own memory into every side):
 
     anchor     llm-compressor's `oneshot` (SparseGPTModifier, WandaPruningModifier; sequential
                pipeline) in the benchmark's own environment, bench/.venv-llmcompressor, which this

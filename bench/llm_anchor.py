@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from importlib.metadata import version
 
@@ -25,6 +24,7 @@ from llm_side import (  # bench/ is this script's folder
     block_weights,
     common_arguments,
     cpu_seconds,
+    peak_rss_bytes,
 )
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import (
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "method": args.method, "windows": list(windows.shape), "threads": args.threads,
         "prune_seconds": solved - loaded, "process_seconds": time.perf_counter() - started,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "cpu_seconds": cpu_seconds(),
         "versions": {name: version(name) for name in ("llmcompressor", "torch", "transformers", "compressed-tensors")},
     }

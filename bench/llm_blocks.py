@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -135,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         block_weights,
         common_arguments,
         cpu_seconds,
+        peak_rss_bytes,
     )
     from transformers import AutoModelForCausalLM
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     save_file(block_weights(model), args.weights)
     report = {"method": args.method, "windows": list(windows.shape), "threads": args.threads,
               "prune_seconds": solved - loaded, "process_seconds": time.perf_counter() - started,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "peak_rss_bytes": peak_rss_bytes(),
               "cpu_seconds": cpu_seconds()}
     Path(args.report).write_text(json.dumps(report, indent=2))
     return 0

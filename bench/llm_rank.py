@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import resource
 import sys
 import time
 
@@ -20,10 +19,11 @@ def main() -> None:
     started = time.perf_counter()
 
     def report() -> None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         with open(f"{stem}.{launcher_rank()}.json", "w") as file:
-            json.dump({"wall_seconds": time.perf_counter() - started, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                       "peak_rss_bytes": usage.ru_maxrss * 1024}, file)
+            json.dump({"wall_seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds(),
+                       "peak_rss_bytes": peak_rss_bytes()}, file)
+
+    from llm_side import cpu_seconds, peak_rss_bytes  # bench/ is this script's folder
 
     from hpcprune.cli import main as cli_main
     from hpcprune.dist.detect import launcher_rank

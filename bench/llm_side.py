@@ -34,6 +34,17 @@ def common_arguments(parser: argparse.ArgumentParser, methods: list[str]) -> arg
     return parser
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since its exec: VmHWM. Not ru_maxrss, which Linux keeps
+    across fork and exec, so a side started by bench/llm.py (which holds the dense model) would report
+    at least the parent's memory at the fork."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: an upper bound
+
+
 def cpu_seconds() -> float:
     """User and system CPU seconds of this process: what wall time is on a machine shared with others."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
