@@ -21,6 +21,7 @@ from hpcprune.dist.failures import AgreedFailure
 from hpcprune.dist.world import SingleWorld
 from hpcprune.errors import UsageError
 from hpcprune.prune.calibrate import CalibrationBatches, calibrate
+from hpcprune.prune.patterns import keep_largest
 from hpcprune.prune.plan import Plan, TensorSpec, assign_owners, make_plan
 from hpcprune.prune.protect import protect_layers
 from hpcprune.prune.rules import select
@@ -161,6 +162,17 @@ def expected_group_keep(groups: torch.Tensor, pruned: int) -> torch.Tensor:
         order = sorted(range(groups.shape[1]), key=lambda col: (float(groups[row, col]), col))
         keep[row, order[:pruned]] = False
     return keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_keep_largest_prunes_as_a_stable_sort_does_whatever_the_ties(dtype):
+    generator = torch.Generator().manual_seed(7)
+    rows = torch.randint(0, 3, (40, 12), generator=generator).to(dtype)
+    rows[0] = 1.0  # one value throughout
+    rows[1, ::2], rows[1, 1::2] = -0.0, 0.0  # -0.0 and +0.0 are equal: earliest first
+    rows[2, :3] = torch.tensor([float("inf"), float("-inf"), float("inf")], dtype=dtype)
+    for pruned in (1, 5, 6, 11, 12):
+        assert torch.equal(keep_largest(rows, pruned), expected_group_keep(rows, pruned)), pruned
 
 
 def test_row_rule_prunes_the_same_count_of_the_smallest_in_every_row():

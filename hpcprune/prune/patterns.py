@@ -76,9 +76,20 @@ def keep_largest(groups: torch.Tensor, pruned: int) -> torch.Tensor:
         rows = groups[start:start + block]
         if torch.isnan(rows).any():
             raise BadScores("NaN")
-        order = torch.sort(rows.cpu(), dim=1, stable=True).indices  # stable: equal scores stay in position order
-        keep[start:start + block].scatter_(1, order[:, :pruned], False)
+        keep[start:start + block] = ~smallest(rows.cpu(), pruned)
     return keep
+
+
+def smallest(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the `count` smallest of each row, earliest first among ties (what a stable sort
+    picks): all below the row's count-th smallest value, then, in position order, as many of those
+    equal to it as are still wanted. topk finds that value in about half a sort's time; its own
+    choice among ties is unspecified, hence the threshold rather than its indices."""
+    threshold = torch.topk(rows, count, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    below = rows < threshold
+    ties = rows == threshold
+    wanted = count - below.sum(dim=1, keepdim=True)
+    return below | (ties & (ties.cumsum(dim=1) <= wanted))
 
 
 def _select_groups(scores: Scores, plan: Plan, world: World,
