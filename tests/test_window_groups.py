@@ -1,4 +1,5 @@
-"""Calibration windows in groups: a group sits whole on one rank and is one term of the exact sums.
+"""The dense pass's statistics: calibration windows in groups (a group sits whole on one rank and is
+one term of the exact sums), and a forward that stops once every layer has read its input.
 
     python -m pytest -q tests/test_window_groups.py
 
@@ -18,7 +19,7 @@ from torch import nn
 from hpcprune.dist.exact_sum import ExactSum, reduce_exactly
 from hpcprune.dist.world import SingleWorld
 from hpcprune.prune.plan import TensorSpec
-from hpcprune.prune.sequential.input_statistics import InputStatistics, windows_per_term
+from hpcprune.prune.sequential.input_statistics import AllInputsSeen, InputStatistics, windows_per_term
 from hpcprune.prune.sequential.layers import BlockLayer
 from hpcprune.run.sequential_streams import TextWindows
 
@@ -96,3 +97,30 @@ def test_a_rank_holding_a_group_apart_from_the_one_before_it_starts_a_new_term()
     measured = _statistics(windows, group=2, indices=[2, 3, 6])["total"]
     assert torch.equal(measured, _exact([_float64_sum(terms[:2]), terms[2]], 4))
     assert not torch.equal(measured, _exact([_float64_sum(terms)], 4))
+
+
+def test_a_forward_stopped_once_every_layer_has_read_its_input_gives_the_same_statistics():
+    """The last layer's product is what the stop saves: it never runs, and the sums do not change."""
+    generator = torch.Generator().manual_seed(5)
+    block = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    windows = [torch.randn(1, 6, 5, generator=generator) for _ in range(5)]
+    last_ran = []
+    block[2].register_forward_hook(lambda *_: last_ran.append(True))
+    totals = {}
+    for stop in (False, True):
+        last_ran.clear()
+        layers = [BlockLayer(TensorSpec(0, "first", (4, 5)), block[0]), BlockLayer(TensorSpec(1, "last", (3, 4)), block[2])]
+        statistics = InputStatistics(layers, ("hessian", "input_squares"), 5, torch.device("cpu"), group=2)
+        statistics.stop_early = stop
+        with torch.no_grad(), statistics:
+            for index, hidden in enumerate(windows):
+                with statistics.window(None, index):
+                    try:
+                        block(hidden)
+                    except AllInputsSeen:
+                        assert stop
+        assert len(last_ran) == (0 if stop else len(windows))
+        totals[stop] = statistics.reduce(SingleWorld())
+    for name in ("first", "last"):
+        for kind in ("hessian", "input_squares"):
+            assert torch.equal(totals[True][name][kind], totals[False][name][kind])

@@ -5,7 +5,8 @@
 `BlockEngine.prune(block, layers)`, with the block's weights loaded:
 1. the block runs the rank's calibration windows one at a time, dense, with hooks that add each
    layer's input statistics (hpcprune.prune.sequential.input_statistics), in float64 within a group of
-   windows and exactly over groups and ranks;
+   windows and exactly over groups and ranks; unless its outputs feed the next block (propagate
+   dense), a window's forward stops once the last layer has read its input;
 2. each layer, or range of a layer's rows when there are more ranks than layers, is decided on the
    rank that owns it (hpcprune.prune.sequential.pieces, by the method's cost, costliest first) and
    the decisions reach every rank (hpcprune.prune.sequential.decisions);
@@ -32,7 +33,7 @@ from hpcprune.dist.world import World
 from hpcprune.models.block_calls import BlockRunner
 from hpcprune.prune.sequential.activations import Stream, WindowStore
 from hpcprune.prune.sequential.decisions import BlockDecisions, share_decisions
-from hpcprune.prune.sequential.input_statistics import InputStatistics, LayerStatistics
+from hpcprune.prune.sequential.input_statistics import AllInputsSeen, InputStatistics, LayerStatistics
 from hpcprune.prune.sequential.layers import BlockLayer
 from hpcprune.prune.sequential.methods import BlockMethod, Decision, LayerRule
 from hpcprune.prune.sequential.pieces import block_pieces
@@ -94,6 +95,8 @@ class BlockEngine:
             outputs = self.calibration.store.fork() if keep else None
             statistics = (InputStatistics(layers, kinds, self.windows, _device(block), bits, self.window_group)
                           if kinds else None)
+            if statistics is not None:
+                statistics.stop_early = outputs is None  # nobody reads this pass's outputs
             with statistics or contextlib.nullcontext():
                 run_windows(self.calibration, block, self.runner, outputs, scope=statistics)
             try:
@@ -122,7 +125,10 @@ def run_windows(stream: Stream, block: nn.Module, runner: BlockRunner, outputs: 
             output = runner(block, hidden, call)
         else:
             with scope.window(stream.keeps[position], stream.windows[position]):
-                output = runner(block, hidden, call)
+                try:
+                    output = runner(block, hidden, call)
+                except AllInputsSeen:  # only where `outputs` is None
+                    continue
         if outputs is not None:
             outputs.put(position, output)
 

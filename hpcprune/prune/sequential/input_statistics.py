@@ -121,12 +121,20 @@ class WindowHooks:
         raise NotImplementedError
 
 
+class AllInputsSeen(Exception):
+    """Raised by the last layer's hook when nothing after it is wanted: the rest of the block's forward
+    (the last layer's product and what follows it) would only make outputs that nobody reads."""
+
+
 class InputStatistics(WindowHooks):
     """Hooks on `layers` while the block runs the rank's windows; `reduce` gives every rank the totals.
 
         with InputStatistics(layers, kinds, windows, device, group=n) as statistics:
             for each window, in order: with statistics.window(token_mask, index): run the block
         totals = statistics.reduce(world)
+
+    `stop_early`: once every layer has read its input in a window, the hook raises AllInputsSeen
+    (the caller catches it inside the window's frame, which then counts).
     """
 
     def __init__(self, layers: list[BlockLayer], kinds: tuple[str, ...], windows: int, device: torch.device,
@@ -134,6 +142,8 @@ class InputStatistics(WindowHooks):
         super().__init__(layers)
         self.kinds, self.windows, self.device, self.mantissa_bits = kinds, windows, device, mantissa_bits
         self.group = group
+        self.stop_early = False
+        self._fired: set[str] = set()  # layers whose input this window has reached
         self.leaders: dict[str, str] = {}  # layer -> the first layer that read the same input
         self.sums: dict[tuple[str, str], ExactSum] = {}  # (leader, kind) -> this rank's sum
         self._seen: list[tuple[torch.Tensor, str]] = []  # this window's inputs and the layer that read each first
@@ -154,14 +164,18 @@ class InputStatistics(WindowHooks):
             known = self.leaders.setdefault(name, leader)
             if known != leader:
                 raise RuntimeError(f"{name} read the input of {leader} in one window and of {known} in another")
-            if leader != name:
-                return
-            rows = input_rows(inputs, self._keep)
-            for kind in self.kinds:
-                term = STATISTICS[kind].term(rows.to(self.device))
-                key = (name, kind)
-                self._terms[key] = self._terms[key] + term if key in self._terms else term
+            if leader == name:
+                self._add_terms(name, input_rows(inputs, self._keep))
+            self._fired.add(name)
+            if self.stop_early and len(self._fired) == len(self.layers):
+                raise AllInputsSeen
         return add
+
+    def _add_terms(self, name: str, rows: torch.Tensor) -> None:
+        for kind in self.kinds:
+            term = STATISTICS[kind].term(rows.to(self.device))
+            key = (name, kind)
+            self._terms[key] = self._terms[key] + term if key in self._terms else term
 
     def _end_window(self) -> None:
         index = self._windows_seen if self._index is None else self._index
@@ -174,7 +188,7 @@ class InputStatistics(WindowHooks):
                 self._group_terms[key].add_(term)
             else:
                 self._group_terms[key] = term
-        self._terms, self._seen = {}, []
+        self._terms, self._seen, self._fired = {}, [], set()
 
     def _end_group(self) -> None:
         for (leader, kind), term in self._group_terms.items():
