@@ -81,7 +81,8 @@ class ExactSum:
         """A sum of at most `terms` terms over all ranks (the count sets the precision)."""
         return cls(tuple(shape), terms, mantissa_bits_for(terms), device)
 
-    def add(self, term: torch.Tensor) -> None:
+    def add(self, term: torch.Tensor, consume: bool = False) -> None:
+        """Add one term; `consume`: the caller has no further use for it, so its memory is worked in."""
         term = torch.as_tensor(term).to(device=self.device, dtype=torch.float64)
         if tuple(term.shape) != self.shape:
             raise ValueError(f"term of shape {tuple(term.shape)} added to a sum of shape {self.shape}")
@@ -103,17 +104,18 @@ class ExactSum:
         self.finest = scale if self.finest is None else min(self.finest, scale)
         if self.problem:
             return
-        integers = scaled(term, -scale).round_().to(torch.int64)
+        integers = scaled(term, -scale, in_place=consume).round_().to(torch.int64)
         if self.base is None:
             self.integers, self.base = integers, scale
             return
         if self._spread_exceeded(min(self.base, scale)):
             return
-        if scale >= self.base:
-            self.integers += integers << (scale - self.base)
-        else:
-            self.integers = (self.integers << (self.base - scale)) + integers
+        if scale < self.base:  # in place, as below: the sums of a Hessian are tens of MB
+            self.integers <<= self.base - scale
             self.base = scale
+        elif scale > self.base:
+            integers <<= scale - self.base
+        self.integers += integers
 
     def _spread_exceeded(self, base: int) -> bool:
         """Stop adding (the reduction then raises SpreadTooWide everywhere) before int64 could wrap."""
@@ -177,12 +179,12 @@ def reduce_exactly(sums: Sequence[ExactSum], world: World) -> list[torch.Tensor]
     return totals
 
 
-def scaled(values: torch.Tensor, exponent: int) -> torch.Tensor:
-    """values * 2^exponent (a new tensor), exact while the results are normal floats. One multiply
-    where 2^exponent is a normal float; past that, two half steps (2^exponent alone would overflow
-    or lose bits even where the product would not)."""
+def scaled(values: torch.Tensor, exponent: int, in_place: bool = False) -> torch.Tensor:
+    """values * 2^exponent (a new tensor; where `in_place`, `values` may be worked in), exact while the
+    results are normal floats. One multiply where 2^exponent is a normal float; past that, two half
+    steps (2^exponent alone would overflow or lose bits even where the product would not)."""
     if -1022 <= exponent <= 1023:
-        return values * math.ldexp(1.0, exponent)
+        return values.mul_(math.ldexp(1.0, exponent)) if in_place else values * math.ldexp(1.0, exponent)
     half = exponent // 2
     for step in (half, exponent - half):
         values = torch.ldexp(values, torch.tensor(step, dtype=torch.float64, device=values.device))

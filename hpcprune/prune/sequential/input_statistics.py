@@ -39,9 +39,9 @@ def input_squares(rows: torch.Tensor) -> torch.Tensor:
     return rows.to(torch.float64).square().sum(0)
 
 
-def hessian(rows: torch.Tensor) -> torch.Tensor:
+def gram(rows: torch.Tensor) -> torch.Tensor:
     rows = rows.to(torch.float64)
-    return (rows.T @ rows).mul_(2.0)  # in place: a term of the widest layer is tens of MB
+    return rows.T @ rows
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,15 @@ class Statistic:
     term: Callable[[torch.Tensor], torch.Tensor]  # one window's term from the layer's input rows
     shape: Callable[[int], tuple[int, ...]]  # the sum's shape for in_features inputs
     per_window: bool = False  # the total is divided by the number of calibration windows
+    factor: float = 1.0  # a power of two the total is multiplied by: the same bits as scaling every term
 
 
 STATISTICS: dict[str, Statistic] = {
     "input_squares": Statistic(input_squares, lambda features: (features,)),
     # SparseGPT's reference code (and llm-compressor's) keep H as 2/N·ΣXᵀX over N sequences: the same
     # scaling here, so that the damping and the saliencies are on the scale those codes use.
-    "hessian": Statistic(hessian, lambda features: (features, features), per_window=True),
+    # The 2 of 2XᵀX scales the total, not each term: a power of two changes no bit of the sums.
+    "hessian": Statistic(gram, lambda features: (features, features), per_window=True, factor=2.0),
 }
 
 LayerStatistics = dict[str, dict[str, torch.Tensor]]  # layer name -> kind -> float64 total
@@ -192,7 +194,7 @@ class InputStatistics(WindowHooks):
 
     def _end_group(self) -> None:
         for (leader, kind), term in self._group_terms.items():
-            self._sum(leader, kind, term.shape).add(term)
+            self._sum(leader, kind, term.shape).add(term, consume=True)
         self._group_terms = {}
 
     def _sum(self, leader: str, kind: str, shape) -> ExactSum:
@@ -215,7 +217,9 @@ class InputStatistics(WindowHooks):
         return {layer.spec.name: by_leader[leaders[layer.spec.name]] for layer in self.layers}
 
     def _finished(self, kind: str, total: torch.Tensor) -> torch.Tensor:
-        return total / self.windows if STATISTICS[kind].per_window and self.windows else total
+        statistic = STATISTICS[kind]
+        total = total.mul_(statistic.factor) if statistic.factor != 1.0 else total
+        return total / self.windows if statistic.per_window and self.windows else total
 
 
 def agree_on_leaders(seen: dict[str, str], layers: list[BlockLayer], world: World) -> dict[str, str]:
