@@ -31,8 +31,8 @@ ratios of every side to the anchor for the same method (seconds, peak RSS, perpl
 
 The full-size figures (64 windows x 256 tokens, all eval windows, one thread per rank), on a quiet machine:
 
-    nice python bench/llm.py --model ~/.cache/hpcprune/smollm2-135m --texts ~/.cache/hpcprune/texts \
-        --sides anchor hpcprune hpcprune-2 --methods sparsegpt wanda sparsegpt-2:4 magnitude
+    python bench/llm.py --model ~/.cache/hpcprune/smollm2-135m --texts ~/.cache/hpcprune/texts \
+        --sides anchor hpcprune hpcprune-2 --methods sparsegpt wanda sparsegpt-2:4 wanda-2:4 magnitude
 """
 
 from __future__ import annotations
