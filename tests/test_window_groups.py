@@ -110,8 +110,8 @@ def test_a_forward_stopped_once_every_layer_has_read_its_input_gives_the_same_st
     for stop in (False, True):
         last_ran.clear()
         layers = [BlockLayer(TensorSpec(0, "first", (4, 5)), block[0]), BlockLayer(TensorSpec(1, "last", (3, 4)), block[2])]
-        statistics = InputStatistics(layers, ("hessian", "input_squares"), 5, torch.device("cpu"), group=2)
-        statistics.stop_early = stop
+        statistics = InputStatistics(layers, ("hessian", "input_squares"), 5, torch.device("cpu"), group=2,
+                                     stop_early=stop)
         with torch.no_grad(), statistics:
             for index, hidden in enumerate(windows):
                 with statistics.window(None, index):

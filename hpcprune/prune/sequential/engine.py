@@ -93,10 +93,9 @@ class BlockEngine:
         bits = None
         for _ in range(RETRIES):
             outputs = self.calibration.store.fork() if keep else None
-            statistics = (InputStatistics(layers, kinds, self.windows, _device(block), bits, self.window_group)
+            statistics = (InputStatistics(layers, kinds, self.windows, _device(block), bits, self.window_group,
+                                          stop_early=outputs is None)  # nobody reads this pass's outputs
                           if kinds else None)
-            if statistics is not None:
-                statistics.stop_early = outputs is None  # nobody reads this pass's outputs
             with statistics or contextlib.nullcontext():
                 run_windows(self.calibration, block, self.runner, outputs, scope=statistics)
             try:

@@ -131,7 +131,7 @@ class AllInputsSeen(Exception):
 class InputStatistics(WindowHooks):
     """Hooks on `layers` while the block runs the rank's windows; `reduce` gives every rank the totals.
 
-        with InputStatistics(layers, kinds, windows, device, group=n) as statistics:
+        with InputStatistics(layers, kinds, windows, device, group=n, stop_early=...) as statistics:
             for each window, in order: with statistics.window(token_mask, index): run the block
         totals = statistics.reduce(world)
 
@@ -140,11 +140,10 @@ class InputStatistics(WindowHooks):
     """
 
     def __init__(self, layers: list[BlockLayer], kinds: tuple[str, ...], windows: int, device: torch.device,
-                 mantissa_bits: int | None = None, group: int = 1):
+                 mantissa_bits: int | None = None, group: int = 1, stop_early: bool = False):
         super().__init__(layers)
         self.kinds, self.windows, self.device, self.mantissa_bits = kinds, windows, device, mantissa_bits
-        self.group = group
-        self.stop_early = False
+        self.group, self.stop_early = group, stop_early
         self._fired: set[str] = set()  # layers whose input this window has reached
         self.leaders: dict[str, str] = {}  # layer -> the first layer that read the same input
         self.sums: dict[tuple[str, str], ExactSum] = {}  # (leader, kind) -> this rank's sum
