@@ -1,7 +1,8 @@
 """The per-layer reconstruction error a block-sequential round records, against the definition itself.
 
 ‖WX − ŴX‖² / ‖WX‖², X what each layer receives while the pruned block runs (so the second layer's X
-already carries the first layer's pruning), summed over the windows, padding positions left out.
+already carries the first layer's pruning), summed over the windows, padding positions left out;
+wide layers measured through their inputs' Gram matrix agree with their products.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 
 from hpcprune.dist.world import SingleWorld
 from hpcprune.prune.plan import TensorSpec
+from hpcprune.prune.sequential import reconstruction
 from hpcprune.prune.sequential.layers import BlockLayer
 from hpcprune.prune.sequential.reconstruction import ReconstructionErrors
 
@@ -67,3 +69,82 @@ def test_recorded_error_is_the_definition_on_the_pruned_inputs(bias):
     for name in expected:
         assert 0.05 < expected[name] < 2
         assert measured[name] == pytest.approx(expected[name], rel=1e-5), name
+
+
+class GatedMLP(nn.Module):
+    """gate and up read the same input (each with GRAM_WIDTH times its inputs as outputs), down reads their product."""
+
+    def __init__(self, conv1d: bool = False):
+        super().__init__()
+        generator = torch.Generator().manual_seed(2)
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+            self.gate, self.up = Conv1D(16, 6), Conv1D(16, 6)
+        else:
+            self.gate, self.up = nn.Linear(6, 16), nn.Linear(6, 16)
+        self.down = nn.Linear(16, 6)
+        with torch.no_grad():
+            for layer in (self.gate, self.up, self.down):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+
+    def forward(self, hidden):
+        return self.down(torch.nn.functional.silu(self.gate(hidden)) * self.up(hidden))
+
+
+def gated_layers(mlp: GatedMLP, conv1d: bool) -> list[BlockLayer]:
+    return [BlockLayer(TensorSpec(0, "gate", tuple(mlp.gate.weight.shape)), mlp.gate, transposed=conv1d),
+            BlockLayer(TensorSpec(1, "up", tuple(mlp.up.weight.shape)), mlp.up, transposed=conv1d),
+            BlockLayer(TensorSpec(2, "down", tuple(mlp.down.weight.shape)), mlp.down)]
+
+
+def measure(mlp: GatedMLP, layers, dense, windows, keeps, leaders=None) -> dict[str, float]:
+    with torch.no_grad(), ReconstructionErrors(layers, {name: weight.clone() for name, weight in dense.items()},
+                                               windows=len(windows), leaders=leaders) as errors:
+        for hidden, keep in zip(windows, keeps):
+            with errors.window(keep):
+                mlp(hidden)
+    return errors.reduce(SingleWorld())
+
+
+@pytest.mark.parametrize("conv1d, shared", [(False, False), (False, True), (True, True)])
+def test_gram_and_product_give_the_same_error(conv1d, shared, monkeypatch):
+    """gate and up are measured through their input's Gram matrix (one, when the dense pass found
+    that they share it), down through its product; with the Gram path switched off every layer goes
+    through its product, and the errors agree."""
+    mlp = GatedMLP(conv1d)
+    layers = gated_layers(mlp, conv1d)
+    leaders = {"gate": "gate", "up": "gate", "down": "down"} if shared else None
+    assert reconstruction.measured_by_gram(layers, leaders or {}) == {"gate", "up"}
+    dense = {layer.spec.name: layer.module.weight.detach().clone() for layer in layers}
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in layers:  # about half pruned, the kept weights moved a little (as SparseGPT moves them)
+            weight = layer.module.weight
+            weight.mul_(torch.rand(weight.shape, generator=generator) > 0.5)
+            weight.add_(0.1 * torch.randn(weight.shape, generator=generator) * (weight != 0))
+    windows = [torch.randn(1, 5, 6, generator=generator) for _ in range(3)]
+    keeps = [torch.tensor([[True, True, False, True, True]]), torch.ones(1, 5, dtype=torch.bool),
+             torch.tensor([[False, True, True, True, True]])]
+    by_gram = measure(mlp, layers, dense, windows, keeps, leaders)
+    monkeypatch.setattr(reconstruction, "GRAM_WIDTH", 10**9)
+    by_product = measure(mlp, layers, dense, windows, keeps, leaders)
+    for name in ("gate", "up", "down"):  # the products are float32, their norms float64
+        assert 0.05 < by_product[name] < 2
+        assert by_gram[name] == pytest.approx(by_product[name], rel=1e-6), name
+    rows = torch.cat([hidden.reshape(-1, 6)[keep.reshape(-1)] for hidden, keep in zip(windows, keeps)]).double()
+    for layer in layers[:2]:  # the definition in float64: gate and up read the windows themselves
+        def linear(weight):
+            return (weight.T if conv1d else weight).double()
+        lost = (rows @ (linear(dense[layer.spec.name]) - linear(layer.module.weight.detach())).T).square().sum()
+        kept = (rows @ linear(dense[layer.spec.name]).T).square().sum()
+        assert by_gram[layer.spec.name] == pytest.approx(float(lost / kept), rel=1e-10), layer.spec.name
+
+
+def test_layers_sharing_an_input_are_measured_by_gram_when_their_outputs_together_are_wide():
+    """q, k and v of SmolLM2's attention (576 -> 576, 192, 192) share an input: together 960 outputs
+    for 576 features, so their Gram matrix is cheaper than their products; alone, none of them is."""
+    shapes = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576)}
+    layers = [BlockLayer(TensorSpec(index, name, shape), nn.Linear(shape[1], shape[0], bias=False))
+              for index, (name, shape) in enumerate(shapes.items())]
+    assert reconstruction.measured_by_gram(layers, {"k": "q", "v": "q"}) == {"q", "k", "v"}
+    assert reconstruction.measured_by_gram(layers, {}) == set()

@@ -165,6 +165,39 @@ def test_sparsegpt_reconstructs_the_layers_better_than_wanda(tiny_folders, tmp_p
     assert (errors["sparsegpt"] < errors["wanda"]).all(), errors
 
 
+def test_errors_from_the_hessian_and_from_gram_matrices_are_those_of_the_products(tiny_folders, tmp_path, monkeypatch):
+    """SparseGPT's q, k and v take their errors from the dense pass's Hessian (their input is the
+    block's first, the same pruned), gate and up from their input's Gram matrix in the pruned pass,
+    the rest from their products: the recorded errors are those of every layer by its product."""
+    from hpcprune.prune.sequential import engine, input_statistics, reconstruction
+
+    measured = []
+
+    class Watched(reconstruction.ReconstructionErrors):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            measured.append((set(self.known), set(self.by_gram)))
+
+    monkeypatch.setattr(engine, "ReconstructionErrors", Watched)
+    prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "ways.h5", "prune.criterion=sparsegpt")
+    ways = {row["name"]: row["error"] for row in round_tables(tmp_path / "ways.h5", 1)["reconstruction"]}
+    known, by_gram = measured[0]
+    assert {name.rsplit(".", 1)[0].split(".", 3)[-1] for name in known} == {"self_attn.q_proj", "self_attn.k_proj",
+                                                                            "self_attn.v_proj"}
+    assert {name.rsplit(".", 1)[0].split(".", 3)[-1] for name in by_gram} == {"mlp.gate_proj", "mlp.up_proj"}
+
+    agree = input_statistics.agree_on_leaders
+    monkeypatch.setattr(input_statistics, "agree_on_leaders", lambda *args: (agree(*args)[0], None))
+    monkeypatch.setattr(reconstruction, "GRAM_WIDTH", 10**9)
+    measured.clear()
+    prune_folder(tiny_folders.llama, tiny_folders, tmp_path / "products.h5", "prune.criterion=sparsegpt")
+    assert measured[0][0] == set() and measured[0][1] == set()
+    products = {row["name"]: row["error"] for row in round_tables(tmp_path / "products.h5", 1)["reconstruction"]}
+    assert ways.keys() == products.keys()
+    for name, error in products.items():
+        assert 0 < error < 1 and ways[name] == pytest.approx(error, rel=1e-5), name
+
+
 def test_sparsegpt_exports_its_updated_weights_to_a_folder_transformers_loads(tiny_folders, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

@@ -19,6 +19,7 @@ from torch import nn
 from hpcprune.dist.exact_sum import ExactSum, reduce_exactly
 from hpcprune.dist.world import SingleWorld
 from hpcprune.prune.plan import TensorSpec
+from hpcprune.prune.sequential.gram import add_gram, packed, unpacked
 from hpcprune.prune.sequential.input_statistics import AllInputsSeen, InputStatistics, windows_per_term
 from hpcprune.prune.sequential.layers import BlockLayer
 from hpcprune.run.sequential_streams import TextWindows
@@ -63,16 +64,16 @@ def _exact(terms: list[torch.Tensor], count: int) -> torch.Tensor:
     return reduce_exactly([total], SingleWorld())[0] / 7
 
 
-def _term(hidden: torch.Tensor) -> torch.Tensor:
-    rows = hidden[0].double()
-    return (rows.T @ rows).mul_(2.0)
+def _float64_sum(windows: list[torch.Tensor]) -> torch.Tensor:
+    """2XᵀX of windows added one by one into one float64 sum, as a group adds them."""
+    total = None
+    for hidden in windows:
+        total = add_gram(total, hidden[0])
+    return unpacked(packed(total), windows[0].shape[-1]).mul_(2.0)
 
 
-def _float64_sum(terms: list[torch.Tensor]) -> torch.Tensor:
-    total = terms[0].clone()
-    for term in terms[1:]:
-        total.add_(term)
-    return total
+def _window_terms(windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [_float64_sum([hidden]) for hidden in windows]
 
 
 def test_a_group_is_one_term_the_float64_sum_of_its_windows_in_order():
@@ -80,10 +81,10 @@ def test_a_group_is_one_term_the_float64_sum_of_its_windows_in_order():
     # Windows of different scales, so that adding them one by one as exact terms and adding each
     # group in float64 first give different bits: the test can tell which happened.
     windows = [torch.randn(1, 6, 5, generator=generator) * (1.0, 3.0, 7.0)[window % 3] for window in range(7)]
-    terms = [_term(hidden) for hidden in windows]
+    terms = _window_terms(windows)
     grouped = _statistics(windows, group=3)
     assert grouped["terms"] == 3
-    expected = _exact([_float64_sum(terms[first:first + 3]) for first in range(0, 7, 3)], 3)
+    expected = _exact([_float64_sum(windows[first:first + 3]) for first in range(0, 7, 3)], 3)
     assert torch.equal(grouped["total"], expected)
     assert not torch.equal(expected, _exact(terms, 7))  # the grouping shows in the bits
     assert torch.equal(_statistics(windows, group=1)["total"], _exact(terms, 7))
@@ -93,10 +94,10 @@ def test_a_rank_holding_a_group_apart_from_the_one_before_it_starts_a_new_term()
     """Rank 1 of 2 with groups of 2 holds windows 2, 3 and 6: two groups, not one run of three."""
     generator = torch.Generator().manual_seed(4)
     windows = [torch.randn(1, 4, 5, generator=generator) * scale for scale in (1.0, 5.0, 0.3)]
-    terms = [_term(hidden) for hidden in windows]
+    terms = _window_terms(windows)
     measured = _statistics(windows, group=2, indices=[2, 3, 6])["total"]
-    assert torch.equal(measured, _exact([_float64_sum(terms[:2]), terms[2]], 4))
-    assert not torch.equal(measured, _exact([_float64_sum(terms)], 4))
+    assert torch.equal(measured, _exact([_float64_sum(windows[:2]), terms[2]], 4))
+    assert not torch.equal(measured, _exact([_float64_sum(windows)], 4))
 
 
 def test_a_forward_stopped_once_every_layer_has_read_its_input_gives_the_same_statistics():

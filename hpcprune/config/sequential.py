@@ -36,7 +36,7 @@ class SequentialConfig(Section):
     4 windows a group from 64 windows on, fewer below, so there are at least 16 groups. Changing
     it may change masks (the float64 sums round differently); resume refuses a changed value."""
     threads: int = Field(1, gt=0)
-    """torch threads per rank. Fixed by the config, not by the core count, because a matrix product's
+    """torch (and scipy BLAS) threads per rank. Fixed by the config, not by the core count, because a matrix product's
     last bits can depend on how many threads share it; the default 1 also keeps ranks on shared
     nodes from fighting over cores. Changing it may change masks; resume refuses a changed value."""
 

@@ -36,6 +36,7 @@ from hpcprune.models.lazy import LazyModel
 from hpcprune.progress import bar
 from hpcprune.prune.plan import Plan
 from hpcprune.prune.sequential.engine import BlockEngine, pass_stream
+from hpcprune.prune.sequential.gram import limit_threads
 from hpcprune.prune.sequential.layers import block_layers, sequential_plan
 from hpcprune.prune.sequential.methods import LayerRule, block_method
 from hpcprune.run.job import RunResult
@@ -63,6 +64,7 @@ log = logging.getLogger("hpcprune")
 
 def run_sequential(config: RunConfig, world: World, *, resume: bool = False, force: bool = False) -> RunResult:
     torch.set_num_threads(config.sequential.threads)
+    limit_threads(config.sequential.threads)  # the Hessians' syrk (scipy's OpenBLAS) as well
     device = resolve_device(config.device, local_rank=world.local_rank)
     lazy = LazyModel(config.model.name, config.model.blocks, device)
     plan = sequential_plan(lazy.blocks, lazy.blocks_path, config.prune)

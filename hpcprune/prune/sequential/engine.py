@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,6 +42,15 @@ from hpcprune.prune.sequential.reconstruction import ReconstructionErrors
 RETRIES = 3  # passes with fewer fixed-point bits after a SpreadTooWide, before giving up
 
 
+@dataclass(frozen=True)
+class SharedInputs:
+    """From the dense pass: layer -> the first layer that read the same input, and the layer that
+    read the block's first Linear input (None when unknown)."""
+
+    leaders: dict[str, str] = field(default_factory=dict)
+    first: str | None = None
+
+
 @dataclass
 class BlockOutcome:
     decisions: BlockDecisions
@@ -58,14 +67,14 @@ class BlockEngine:
         self.window_group = window_group  # consecutive windows summed before the exact sum (on one rank)
 
     def prune(self, block: nn.Module, layers: list[BlockLayer]) -> BlockOutcome:
-        statistics, dense_outputs = self._dense_pass(block, layers)
+        statistics, dense_outputs, shared = self._dense_pass(block, layers)
         pieces = block_pieces(layers, self.world.size, self.method, self.rule)
         mine = {piece.key: self._decide(piece, statistics) for piece, owner in pieces if owner == self.world.rank}
         decisions = share_decisions(mine, self.world).joined([piece for piece, _ in pieces])
         dense_weights = ({layer.spec.name: layer.module.weight.detach().clone() for layer in layers}
                          if self.calibration is not None else {})
         apply_decisions(layers, decisions)
-        errors = self._pruned_pass(block, layers, dense_weights)
+        errors = self._pruned_pass(block, layers, dense_weights, shared, statistics)
         if dense_outputs is not None:
             self.calibration.store.take(dense_outputs)
         return BlockOutcome(decisions, errors)
@@ -84,12 +93,13 @@ class BlockEngine:
         if self.calibration is not None and self.propagate == "pruned":
             pass_stream(self.calibration, block, self.runner)
 
-    def _dense_pass(self, block, layers) -> tuple[LayerStatistics, WindowStore | None]:
-        """Statistics the method needs, and the dense outputs when they feed the next block."""
+    def _dense_pass(self, block, layers) -> tuple[LayerStatistics, WindowStore | None, SharedInputs]:
+        """Statistics the method needs, the dense outputs when they feed the next block, and which
+        layers read the same input (none known without statistics)."""
         kinds = self.method.statistics
         keep = self.calibration is not None and self.propagate == "dense"
         if self.calibration is None or (not kinds and not keep):
-            return {}, None
+            return {}, None, SharedInputs()
         bits = None
         for _ in range(RETRIES):
             outputs = self.calibration.store.fork() if keep else None
@@ -99,18 +109,25 @@ class BlockEngine:
             with statistics or contextlib.nullcontext():
                 run_windows(self.calibration, block, self.runner, outputs, scope=statistics)
             try:
-                return (statistics.reduce(self.world) if statistics else {}), outputs
+                if statistics is None:
+                    return {}, outputs, SharedInputs()
+                totals = statistics.reduce(self.world)
+                return totals, outputs, SharedInputs(statistics.shared, statistics.first)
             except SpreadTooWide as refused:  # raised on every rank alike: all retry with the same bits
                 bits = refused.mantissa_bits
                 if outputs is not None:
                     outputs.remove()
         raise RuntimeError(f"block statistics: the windows' scales still differ too much after {RETRIES} passes")
 
-    def _pruned_pass(self, block, layers, dense_weights) -> dict[str, float]:
+    def _pruned_pass(self, block, layers, dense_weights, shared: SharedInputs,
+                     statistics: LayerStatistics) -> dict[str, float]:
         if self.calibration is None:
             return {layer.spec.name: math.nan for layer in layers}
         outputs = self.calibration.store if self.propagate == "pruned" else None
-        with ReconstructionErrors(layers, dense_weights, self.windows) as errors:
+        # The layers reading the block's first input see the same X pruned: their Hessian is their Gram matrix (× 2/N).
+        known = {name: kinds["hessian"] for name, kinds in statistics.items()
+                 if "hessian" in kinds and shared.first is not None and shared.leaders.get(name) == shared.first}
+        with ReconstructionErrors(layers, dense_weights, self.windows, shared.leaders, known) as errors:
             run_windows(self.calibration, block, self.runner, outputs, scope=errors)
         return errors.reduce(self.world)
 

@@ -8,13 +8,14 @@ becomes one float64 term (`STATISTICS`):
 - input_squares: Σ_t x_tj² per input feature j (Wanda's ‖X_j‖₂ squared), shape [in];
 - hessian: 2·XᵀX (SparseGPT's H), shape [in, in], float64 on the block's device; the total is
   divided by the number N of calibration windows, H = 2/N·ΣXᵀX, as SparseGPT's reference code keeps it.
+  Only its upper triangle is computed and summed (hpcprune.prune.sequential.gram: half the work).
 Layers that read the same tensor (q, k and v of attention; gate and up of a gated MLP) share one
 statistic: the first of them to run leads the group, and the grouping every rank saw is
 agreed on before the sums, so a rank without windows adds empty sums in the same order.
 
 A group of consecutive windows (`sequential.window_group`, which always sits whole on one rank) is
-the unit: each window's terms are computed the same way on whichever rank holds it, the group's
-windows are added in float64 in window order, and `hpcprune.dist.exact_sum` adds the groups' sums
+the unit: each window's rows are added into the group's float64 sums in window order, the same
+way on whichever rank holds the group (the Hessian's by syrk's own C ← XᵀX + C), and `hpcprune.dist.exact_sum` adds the groups' sums
 as integers, so the totals have the same bits for any world size. Their float64 values are what
 the methods read. Groups, not windows, because an exact-sum term costs several passes over a
 statistic the size of a Hessian, as much as the product that made it; a float64 addition is one.
@@ -32,32 +33,36 @@ import torch
 
 from hpcprune.dist.exact_sum import ExactSum, reduce_exactly
 from hpcprune.dist.world import World
+from hpcprune.prune.sequential.gram import add_gram, packed, packed_size, unpacked
 from hpcprune.prune.sequential.layers import BlockLayer
 
 
-def input_squares(rows: torch.Tensor) -> torch.Tensor:
-    return rows.to(torch.float64).square().sum(0)
+def add_input_squares(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    squares = rows.to(torch.float64).square().sum(0)
+    return squares if total is None else total.add_(squares)
 
 
-def gram(rows: torch.Tensor) -> torch.Tensor:
-    rows = rows.to(torch.float64)
-    return rows.T @ rows
+def _same(total: torch.Tensor, features: int | None = None) -> torch.Tensor:
+    return total
 
 
 @dataclass(frozen=True)
 class Statistic:
-    term: Callable[[torch.Tensor], torch.Tensor]  # one window's term from the layer's input rows
-    shape: Callable[[int], tuple[int, ...]]  # the sum's shape for in_features inputs
+    add: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]  # group's sum so far (None: none), input rows -> the new sum
+    shape: Callable[[int], tuple[int, ...]]  # the exact sum's shape for in_features inputs
     per_window: bool = False  # the total is divided by the number of calibration windows
     factor: float = 1.0  # a power of two the total is multiplied by: the same bits as scaling every term
+    summed: Callable[[torch.Tensor], torch.Tensor] = _same  # what of a group's sum the exact sum adds
+    unpacked: Callable[[torch.Tensor, int], torch.Tensor] = _same  # the total as the methods read it
 
 
 STATISTICS: dict[str, Statistic] = {
-    "input_squares": Statistic(input_squares, lambda features: (features,)),
+    "input_squares": Statistic(add_input_squares, lambda features: (features,)),
     # SparseGPT's reference code (and llm-compressor's) keep H as 2/N·ΣXᵀX over N sequences: the same
     # scaling here, so that the damping and the saliencies are on the scale those codes use.
     # The 2 of 2XᵀX scales the total, not each term: a power of two changes no bit of the sums.
-    "hessian": Statistic(gram, lambda features: (features, features), per_window=True, factor=2.0),
+    "hessian": Statistic(add_gram, lambda features: (packed_size(features),), per_window=True, factor=2.0,
+                         summed=packed, unpacked=unpacked),
 }
 
 LayerStatistics = dict[str, dict[str, torch.Tensor]]  # layer name -> kind -> float64 total
@@ -83,10 +88,10 @@ def input_rows(inputs: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 class WindowHooks:
     """Forward pre-hooks on a block's layers that add one term per window and layer group.
 
-    A subclass gives `_hook(layer)` (the hook, which sees `self._keep`, the window's token mask)
-    and `_end_window()` (adds the window's terms). Within `with hooks:` the hooks are registered;
-    `with hooks.window(keep, index):` frames one window (index: its place among all calibration
-    windows), whose terms count only if it ends without error.
+    A subclass gives `_hook(layer)` (the hook, which sees `self._keep`, the window's token mask),
+    `_end_window()` (after a window's forward) and may give `_start_window()`. Within `with hooks:`
+    the hooks are registered; `with hooks.window(keep, index):` frames one window (index: its place
+    among all calibration windows). A window that raises ends the pass: its sums are not used.
     """
 
     def __init__(self, layers: list[BlockLayer]):
@@ -112,12 +117,16 @@ class WindowHooks:
     @contextlib.contextmanager
     def window(self, keep: torch.Tensor | None, index: int | None = None) -> Iterator[None]:
         self._keep, self._index = keep, index
+        self._start_window()
         yield
         self._end_window()
         self._keep = self._index = None
 
     def _hook(self, layer: BlockLayer) -> Callable:
         raise NotImplementedError
+
+    def _start_window(self) -> None:
+        """Before the window's forward (nothing by default)."""
 
     def _end_window(self) -> None:
         raise NotImplementedError
@@ -145,11 +154,15 @@ class InputStatistics(WindowHooks):
         self.kinds, self.windows, self.device, self.mantissa_bits = kinds, windows, device, mantissa_bits
         self.group, self.stop_early = group, stop_early
         self._fired: set[str] = set()  # layers whose input this window has reached
-        self.leaders: dict[str, str] = {}  # layer -> the first layer that read the same input
+        self.leaders: dict[str, str] = {}  # layer -> the first layer that read the same input (this rank's view)
+        self.shared: dict[str, str] = {}  # the same over all ranks, once `reduce` has agreed on it
+        # The layer that reads a window's first Linear input: that input owes nothing to the block's
+        # other layers, so it is the same when the block runs pruned. `first` once agreed.
+        self._firsts: set[str] = set()
+        self.first: str | None = None
         self.sums: dict[tuple[str, str], ExactSum] = {}  # (leader, kind) -> this rank's sum
         self._seen: list[tuple[torch.Tensor, str]] = []  # this window's inputs and the layer that read each first
-        self._terms: dict[tuple[str, str], torch.Tensor] = {}  # this window's
-        self._group_terms: dict[tuple[str, str], torch.Tensor] = {}  # this group's windows so far, in order
+        self._group_terms: dict[tuple[str, str], torch.Tensor] = {}  # this group's windows so far, added in order
         self._group_index: int | None = None
         self._windows_seen = 0
 
@@ -159,6 +172,8 @@ class InputStatistics(WindowHooks):
         def add(module, args) -> None:
             inputs = args[0]
             leader = next((first for tensor, first in self._seen if tensor is inputs), None)
+            if not self._seen:
+                self._firsts.add(name)
             if leader is None:
                 self._seen.append((inputs, name))
                 leader = name
@@ -173,27 +188,25 @@ class InputStatistics(WindowHooks):
         return add
 
     def _add_terms(self, name: str, rows: torch.Tensor) -> None:
+        rows = rows.to(self.device)
         for kind in self.kinds:
-            term = STATISTICS[kind].term(rows.to(self.device))
             key = (name, kind)
-            self._terms[key] = self._terms[key] + term if key in self._terms else term
+            self._group_terms[key] = STATISTICS[kind].add(self._group_terms.get(key), rows)
 
-    def _end_window(self) -> None:
+    def _start_window(self) -> None:
         index = self._windows_seen if self._index is None else self._index
-        self._windows_seen += 1
         if index // self.group != self._group_index:
             self._end_group()
             self._group_index = index // self.group
-        for key, term in self._terms.items():
-            if key in self._group_terms:
-                self._group_terms[key].add_(term)
-            else:
-                self._group_terms[key] = term
-        self._terms, self._seen, self._fired = {}, [], set()
+
+    def _end_window(self) -> None:
+        self._windows_seen += 1
+        self._seen, self._fired = [], set()
 
     def _end_group(self) -> None:
         for (leader, kind), term in self._group_terms.items():
-            self._sum(leader, kind, term.shape).add(term, consume=True)
+            summed = STATISTICS[kind].summed(term)
+            self._sum(leader, kind, summed.shape).add(summed, consume=True)
         self._group_terms = {}
 
     def _sum(self, leader: str, kind: str, shape) -> ExactSum:
@@ -207,31 +220,41 @@ class InputStatistics(WindowHooks):
     def reduce(self, world: World) -> LayerStatistics:
         """Every layer's statistics over all ranks' windows (SpreadTooWide: retry with its mantissa_bits)."""
         self._end_group()
-        leaders = agree_on_leaders(self.leaders, self.layers, world)
+        leaders, self.first = agree_on_leaders(self.leaders, self.layers, world, self._firsts)
+        self.shared = leaders
         order = [layer for layer in self.layers if leaders[layer.spec.name] == layer.spec.name]
         sums = [self._sum(layer.spec.name, kind, STATISTICS[kind].shape(layer.in_features))
                 for layer in order for kind in self.kinds]
         totals = iter(reduce_exactly(sums, world))
-        by_leader = {layer.spec.name: {kind: self._finished(kind, next(totals)) for kind in self.kinds} for layer in order}
+        by_leader = {layer.spec.name: {kind: self._finished(kind, next(totals), layer.in_features) for kind in self.kinds}
+                     for layer in order}
         return {layer.spec.name: by_leader[leaders[layer.spec.name]] for layer in self.layers}
 
-    def _finished(self, kind: str, total: torch.Tensor) -> torch.Tensor:
+    def _finished(self, kind: str, total: torch.Tensor, features: int) -> torch.Tensor:
         statistic = STATISTICS[kind]
+        total = statistic.unpacked(total, features)
         total = total.mul_(statistic.factor) if statistic.factor != 1.0 else total
         return total / self.windows if statistic.per_window and self.windows else total
 
 
-def agree_on_leaders(seen: dict[str, str], layers: list[BlockLayer], world: World) -> dict[str, str]:
-    """Every rank's view of which layers share an input, merged (rank 0 gathers, then broadcasts).
-    A layer no rank saw run leads itself; two views that disagree are a bug of the model's forward."""
+def agree_on_leaders(seen: dict[str, str], layers: list[BlockLayer], world: World,
+                     firsts: set[str] = frozenset()) -> tuple[dict[str, str], str | None]:
+    """Every rank's view of which layers share an input, merged (rank 0 gathers, then broadcasts),
+    and the layer that read the block's first input (`firsts`: those a rank saw read first; None
+    unless all ranks saw the same one). A layer no rank saw run leads itself; two views that
+    disagree are a bug of the model's forward."""
+    view = {"leaders": seen, "firsts": sorted(firsts)}
     if world.size == 1:
-        merged = dict(seen)
+        merged = view
     else:
-        gathered = world.gather_bytes(json.dumps(seen).encode())
-        merged = {}
-        for view in ([] if gathered is None else [json.loads(data) for data in gathered]):
-            for layer, leader in view.items():
-                if merged.setdefault(layer, leader) != leader:
-                    raise RuntimeError(f"ranks disagree on the input {layer} shares ({leader} or {merged[layer]})")
+        gathered = world.gather_bytes(json.dumps(view).encode())
+        merged = {"leaders": {}, "firsts": set()}
+        for other in ([] if gathered is None else [json.loads(data) for data in gathered]):
+            for layer, leader in other["leaders"].items():
+                if merged["leaders"].setdefault(layer, leader) != leader:
+                    raise RuntimeError(f"ranks disagree on the input {layer} shares ({leader} or {merged['leaders'][layer]})")
+            merged["firsts"].update(other["firsts"])
+        merged["firsts"] = sorted(merged["firsts"])
         merged = json.loads(world.broadcast_bytes(json.dumps(merged).encode() if world.is_root else None))
-    return {layer.spec.name: merged.get(layer.spec.name, layer.spec.name) for layer in layers}
+    leaders = {layer.spec.name: merged["leaders"].get(layer.spec.name, layer.spec.name) for layer in layers}
+    return leaders, (merged["firsts"][0] if len(merged["firsts"]) == 1 else None)

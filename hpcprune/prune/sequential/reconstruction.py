@@ -8,8 +8,19 @@ pruned (or, for methods that update weights, the updated) one; biases cancel out
 two squared norms are float64 terms, added exactly over all ranks' windows, so the ratio does not
 depend on the world size. A block without calibration windows has no error (NaN).
 
-One extra matmul per layer and window: a forward hook sees the pruned output ŴX + b the block
-computes anyway, so only (W − Ŵ)X is new, and WX = (ŴX + b) − b + (W − Ŵ)X.
+Two ways to the same measure, chosen by shape and by the inputs layers share (the dense pass's
+agreed leaders), so every rank chooses alike:
+- a layer's product: a forward hook sees the pruned output ŴX + b the block computes anyway, so
+  only (W − Ŵ)X is new, one matmul per window, and WX = (ŴX + b) − b + (W − Ŵ)X;
+- the layers reading one input with, together, at least GRAM_WIDTH times as many outputs as it has
+  features (attention's q, k and v; a gated MLP's gate and up; GPT-2's c_attn and c_fc):
+  G = ΣXᵀX of that input instead, its upper triangle per window (hpcprune.prune.sequential.gram),
+  summed exactly like the norms; then ‖(W − Ŵ)X‖² = Σ((W − Ŵ)G ∘ (W − Ŵ)) and ‖WX‖² = Σ(WG ∘ W),
+  once per block. The triangle costs in²/2 float64 multiply-adds per position, the products
+  Σ out · in float32 ones;
+- `known`: layers whose input is the same in the pruned block as in the dense one (those reading
+  the block's first Linear input, such as q, k and v) and whose method summed a multiple of its
+  Gram matrix already (SparseGPT's Hessian): the same two sums from it, and nothing in the pass.
 """
 
 from __future__ import annotations
@@ -21,28 +32,58 @@ import torch.nn.functional as F
 
 from hpcprune.dist.exact_sum import ExactSum, reduce_exactly
 from hpcprune.dist.world import World
+from hpcprune.prune.sequential.gram import packed, packed_size, unpacked, upper_gram
 from hpcprune.prune.sequential.input_statistics import WindowHooks, input_rows
 from hpcprune.prune.sequential.layers import BlockLayer
+
+GRAM_WIDTH = 1.5
+"""Outputs per input feature, over the layers that read one input, from which their errors come from
+the input's Gram matrix: its triangle (in²/2 float64 multiply-adds per position) then costs less
+than their products (Σ out · in float32 ones)."""
+
+
+def measured_by_gram(layers: list[BlockLayer], leaders: dict[str, str]) -> set[str]:
+    """Names of the layers measured through their input's Gram matrix; `leaders`: layer -> the layer
+    whose input it shares (a layer missing from it reads an input of its own)."""
+    width: dict[str, int] = {}
+    for layer in layers:
+        leader = leaders.get(layer.spec.name, layer.spec.name)
+        width[leader] = width.get(leader, 0) + layer.linear_spec.shape[0]
+    features = {layer.spec.name: layer.in_features for layer in layers}
+    return {layer.spec.name for layer in layers
+            if width[leaders.get(layer.spec.name, layer.spec.name)] >= GRAM_WIDTH * features[layer.spec.name]}
 
 
 class ReconstructionErrors(WindowHooks):
     """Hooks on `layers` of the pruned block; `dense` holds their dense weights (float32), which
     become W − Ŵ in place (the caller keeps no other use for them: no second copy of the block)."""
 
-    def __init__(self, layers: list[BlockLayer], dense: dict[str, torch.Tensor], windows: int):
-        super().__init__(layers)
+    def __init__(self, layers: list[BlockLayer], dense: dict[str, torch.Tensor], windows: int,
+                 leaders: dict[str, str] | None = None, known: dict[str, torch.Tensor] | None = None):
+        self.known = known or {}  # layer -> a positive multiple of its input's ΣXᵀX, already summed
+        self.measured = layers
+        super().__init__([layer for layer in layers if layer.spec.name not in self.known])  # the others need hooks
         with torch.no_grad():
             self.lost = {layer.spec.name: dense[layer.spec.name].sub_(layer.module.weight)
                          for layer in layers if layer.spec.name in dense}
         self.windows = windows
-        device = next(iter(dense.values())).device if dense else "cpu"
-        self.sums = {layer.spec.name: ExactSum.of((2,), windows, device) for layer in layers}
+        self.device = next(iter(dense.values())).device if dense else torch.device("cpu")
+        self.leaders = {layer.spec.name: (leaders or {}).get(layer.spec.name, layer.spec.name) for layer in self.layers}
+        self.by_gram = measured_by_gram(self.layers, self.leaders)
+        self.sums = {layer.spec.name: ExactSum.of((2,), windows, self.device)
+                     for layer in self.layers if layer.spec.name not in self.by_gram}
+        self.grams = {layer.spec.name: ExactSum.of((packed_size(layer.in_features),), windows, self.device)
+                      for layer in self.layers
+                      if layer.spec.name in self.by_gram and self.leaders[layer.spec.name] == layer.spec.name}
         self._terms: dict[str, torch.Tensor] = {}
 
     def _register(self, module, hook):
         return module.register_forward_hook(hook)
 
     def _hook(self, layer: BlockLayer):
+        return self._gram_hook(layer) if layer.spec.name in self.by_gram else self._product_hook(layer)
+
+    def _product_hook(self, layer: BlockLayer):
         name = layer.spec.name
 
         def add(module, args, output) -> None:
@@ -58,13 +99,43 @@ class ReconstructionErrors(WindowHooks):
             self._terms[name] = self._terms[name] + term if name in self._terms else term
         return add
 
+    def _gram_hook(self, layer: BlockLayer):
+        name = layer.spec.name
+
+        def add(module, args, output) -> None:
+            if self.leaders[name] == name:  # the others reading this input use its Gram matrix
+                term = packed(upper_gram(input_rows(args[0], self._keep)))
+                self._terms[name] = self._terms[name] + term if name in self._terms else term
+        return add
+
     def _end_window(self) -> None:
         for name, term in self._terms.items():
-            self.sums[name].add(term)
+            (self.sums[name] if name in self.sums else self.grams[name]).add(term, consume=True)
         self._terms = {}
 
     def reduce(self, world: World) -> dict[str, float]:
         """Layer name -> error over all ranks' windows (NaN when nothing reached the layer)."""
-        totals = reduce_exactly([self.sums[layer.spec.name] for layer in self.layers], world)
-        return {layer.spec.name: float(lost / kept) if kept > 0 else math.nan
-                for layer, (lost, kept) in zip(self.layers, (total.tolist() for total in totals))}
+        names = list(self.sums) + list(self.grams)
+        totals = dict(zip(names, reduce_exactly([*self.sums.values(), *self.grams.values()], world)))
+        features = {layer.spec.name: layer.in_features for layer in self.layers}
+        grams = {leader: unpacked(totals[leader], features[leader]) for leader in self.grams}
+        errors = {}
+        for layer in self.measured:
+            name = layer.spec.name
+            if name in self.known:  # the ratio does not see the multiple
+                lost, kept = self._from_gram(layer, self.known[name])
+            elif name in self.by_gram:
+                lost, kept = self._from_gram(layer, grams[self.leaders[name]])
+            else:
+                lost, kept = totals[name].tolist()
+            errors[name] = float(lost / kept) if kept > 0 else math.nan
+        return errors
+
+    def _from_gram(self, layer: BlockLayer, gram: torch.Tensor) -> tuple[float, float]:
+        """(‖(W − Ŵ)X‖², ‖WX‖²) from G = ΣXᵀX: Σ((W − Ŵ)G ∘ (W − Ŵ)) and Σ(WG ∘ W), in float64."""
+        if layer.spec.name not in self.lost:
+            return 0.0, 0.0
+        difference = self.lost[layer.spec.name]
+        difference = (difference.T if layer.transposed else difference).to(torch.float64)  # out x in
+        dense = difference + layer.linear_weight().detach().to(torch.float64)
+        return tuple(float(((weight @ gram) * weight).sum()) for weight in (difference, dense))
