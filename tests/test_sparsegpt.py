@@ -215,3 +215,28 @@ def test_sparsegpt_beats_wanda_beats_magnitude(seed, pattern):
     magnitude = weight * keep_per_group(weight.abs(), group, pruned)
     errors = [output_error(weight, candidate, x) for candidate in (solved, wanda, magnitude)]
     assert errors[0] < errors[1] < errors[2], errors
+
+
+def test_layers_sharing_a_hessian_share_its_factorisation(monkeypatch):
+    """q, k and v read one input, so the dense pass gives them one Hessian tensor: the block method
+    factors it once, and each layer's solve equals the solve with a factorisation of its own."""
+    from hpcprune.prune.plan import TensorSpec
+    from hpcprune.prune.sequential import methods
+    from hpcprune.prune.sequential.methods import LayerRule, SparseGPT
+
+    generator = torch.Generator().manual_seed(7)
+    inputs = torch.randn(200, 24, generator=generator, dtype=torch.float64)
+    statistics = {"hessian": 2 * inputs.T @ inputs / 200}
+    weights = {name: torch.randn(rows, 24, generator=generator) for name, rows in (("q", 24), ("k", 8), ("v", 8))}
+    rule = LayerRule("row", 0.5)
+    factorisations = []
+    monkeypatch.setattr(methods, "invert_hessian", lambda *args: factorisations.append(args) or invert_hessian(*args))
+    shared = SparseGPT(block_size=8)
+    decided = {name: shared.decide(TensorSpec(0, name, tuple(weight.shape)), weight, statistics, rule)
+               for name, weight in weights.items()}
+    assert len(factorisations) == 1
+    for name, weight in weights.items():
+        alone = SparseGPT(block_size=8).decide(TensorSpec(0, name, tuple(weight.shape)), weight,
+                                               {"hessian": statistics["hessian"].clone()}, rule)
+        assert torch.equal(decided[name].mask, alone.mask) and torch.equal(decided[name].weight, alone.weight), name
+    assert len(factorisations) == 4

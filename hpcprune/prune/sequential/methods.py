@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hpcprune.archive.codec import unpack_mask
 from hpcprune.config import PruneConfig, RunConfig
@@ -42,7 +43,9 @@ from hpcprune.prune.sparsegpt import (
     DEFAULT_BLOCKSIZE,
     DEFAULT_PERCDAMP,
     HessianNotPositiveDefinite,
+    InverseHessian,
     SparseGPTRule,
+    invert_hessian,
     row_ranges,
     sparsegpt,
 )
@@ -127,6 +130,9 @@ class SparseGPT:
 
     def __init__(self, damping: float = DEFAULT_PERCDAMP, block_size: int = DEFAULT_BLOCKSIZE):
         self.damping, self.block_size = damping, block_size
+        # Hessian -> its inverse factor, while the Hessian lives: q, k and v (gate and up) read one
+        # input, share one Hessian tensor, and so one factorisation on a rank that solves several.
+        self._inverses: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     @classmethod
     def of(cls, config: RunConfig) -> SparseGPT:
@@ -149,10 +155,16 @@ class SparseGPT:
         solve = SparseGPTRule(sparsity=rule.sparsity, selection=rule.name, n=options.get("n", 2), m=options.get("m", 4),
                               blocksize=self.block_size, percdamp=self.damping)
         try:
-            solved = sparsegpt(weight, statistics["hessian"], solve, rows=rows)
+            solved = sparsegpt(weight, self._inverse(statistics["hessian"]), solve, rows=rows)
         except HessianNotPositiveDefinite as failed:
             raise UsageError(f"{spec.name}: {failed}") from None
         return Decision(solved.keep, solved.weight.to(torch.float32))
+
+    def _inverse(self, hessian: torch.Tensor) -> InverseHessian:
+        inverse = self._inverses.get(hessian)
+        if inverse is None:
+            inverse = self._inverses[hessian] = invert_hessian(hessian, self.damping)
+        return inverse
 
 
 METHODS: dict[str, type] = {
