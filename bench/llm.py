@@ -21,13 +21,19 @@ in a process of its own, with `--threads` threads, and reports its pruning secon
                are the whole run's, start-up and reading the model included; peak RSS is the largest
                rank's, CPU seconds the ranks' sum. hpcprune-2's ratio to hpcprune is in the table too.
 
+Two kinds of seconds: `prune s`, each side's whole pruning (hpcprune's whole process, interpreter
+start-up and imports included; the anchor's `oneshot` call, after its imports and model load), and
+`blocks s`, like for like: the anchor's `oneshot` again, and hpcprune's per-block seconds from its
+archive summed (each block from loading its weights to recording it: start-up, the model index,
+tokenizing and the first inputs left out).
+
 Then this process loads each side's pruned weights into the dense model and measures, with one
 function for all, the achieved sparsity (exact zeros among the blocks' Linear weights) and the
 perplexity on TEXTS/eval.txt: consecutive windows of --sequence-length tokens (the last partial
 one dropped; --eval-windows keeps the first N), exp of the mean next-token loss over all of them.
 
 Results: bench/results/<name>.json (every cell, written after each one) and <name>.md, with the
-ratios of every side to the anchor for the same method (seconds, peak RSS, perplexity).
+ratios of every side to the anchor for the same method (both seconds, CPU seconds, peak RSS, perplexity).
 
 The full-size figures (64 windows x 256 tokens, all eval windows, one thread per rank), on a quiet machine:
 
@@ -63,7 +69,7 @@ ANCHOR_METHODS = ("sparsegpt", "sparsegpt-2:4", "wanda", "wanda-2:4", "magnitude
 METHODS = ("sparsegpt", "wanda", "sparsegpt-2:4", "magnitude")
 SIDES = ("anchor", "solve", "hpcprune", "hpcprune-2")
 EVAL_BATCH = 4  # eval windows per forward pass
-RATIOS = ("prune_seconds", "cpu_seconds", "peak_rss_bytes", "perplexity")
+RATIOS = ("prune_seconds", "blocks_seconds", "cpu_seconds", "peak_rss_bytes", "perplexity")
 
 
 def anchor_python(env: Path = ANCHOR_ENV) -> Path:
@@ -143,6 +149,7 @@ def run_side(side: str, method: str, args, work: Path) -> dict:
         return {"side": side, "method": method, "failed": finished.stderr[-4000:]}
     report = json.loads(Path(f"{stem}.json").read_text())
     report["wall_seconds"] = time.perf_counter() - started
+    report.setdefault("blocks_seconds", report["prune_seconds"])  # oneshot: its first inputs and every layer
     weights = Path(f"{stem}.safetensors")
     return _measured(side, method, args, (report, load_model(args.model, weights)), weights.unlink)
 
@@ -180,9 +187,9 @@ def table(result: dict) -> str:
              f"{result['model']}, {result['windows'][0]} windows x {result['windows'][1]} tokens, "
              f"{result['threads']} thread(s), eval {result['eval_windows']} windows; dense perplexity "
              f"{result['dense_perplexity']:.2f}. {result['note']}", "",
-             "| method | side | prune s | CPU s | peak RSS GiB | sparsity | perplexity | s / anchor | CPU s / anchor "
-             "| RSS / anchor | ppl / anchor | s / 1 rank |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | side | prune s | blocks s | CPU s | peak RSS GiB | sparsity | perplexity | s / anchor "
+             "| blocks s / anchor | CPU s / anchor | RSS / anchor | ppl / anchor | s / 1 rank |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in result["cells"]:
         if "failed" in cell:
             lines.append(f"| {cell['method']} | {cell['side']} | failed: {cell['failed'].splitlines()[-1][:80]} |")
@@ -191,7 +198,8 @@ def table(result: dict) -> str:
         shown = [f"{ratios[key]:.3f}" if key in ratios else "" for key in RATIOS]
         shown.append(f"{cell['seconds_vs_1_rank']:.3f}" if "seconds_vs_1_rank" in cell else "")
         cpu = f"{cell['cpu_seconds']:.0f}" if "cpu_seconds" in cell else ""
-        lines.append(f"| {cell['method']} | {cell['side']} | {cell['prune_seconds']:.0f} | {cpu} | "
+        blocks = f"{cell['blocks_seconds']:.0f}" if "blocks_seconds" in cell else ""
+        lines.append(f"| {cell['method']} | {cell['side']} | {cell['prune_seconds']:.0f} | {blocks} | {cpu} | "
                      f"{cell['peak_rss_bytes'] / 2 ** 30:.2f} | {100 * cell['sparsity']:.4f} % | "
                      f"{cell['perplexity']:.2f} | {' | '.join(shown)} |")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ length and seed (so hpcprune.models.text_windows draws the very windows the othe
 perplexity itself; SparseGPT's damping and block size are the defaults, 1 % and 128, as the
 other sides'. Every process is bench/llm_rank.py, which writes its own peak RSS and CPU
 seconds; the side's seconds are the launcher's wall time of the whole run (start-up, reading the
-model block by block and the first inputs included: the anchor's exclude its model load). The
+model block by block and the first inputs included: the anchor's exclude its imports and model load;
+`blocks_seconds`, the archive's per-block seconds summed, leaves ours out too). The
 pruned model comes back through `hpcprune export --format hf`, which bench/llm.py loads.
 """
 
@@ -69,9 +70,18 @@ def run_pipeline(side: str, method: str, args, work: Path) -> tuple[dict, Path] 
     if exported.returncode:
         return {"side": side, "method": method, "failed": exported.stderr[-4000:]}
     report = {"method": method, "ranks": ranks, "threads": args.threads, "prune_seconds": wall,
+              "blocks_seconds": blocks_seconds(archive),
               "cpu_seconds": sum(rank["cpu_seconds"] for rank in per_rank),
               "peak_rss_bytes": max(rank["peak_rss_bytes"] for rank in per_rank), "per_rank": per_rank}
     return report, folder
+
+
+def blocks_seconds(archive: Path) -> float:
+    """The run's per-block seconds (rank 0's, from loading a block to recording it), summed: what the
+    anchor's `oneshot` seconds cover, without start-up, the model index, tokenizing and first inputs."""
+    from hpcprune.archive.blocks import round_tables
+
+    return float(sum(row["seconds"] for row in round_tables(archive, 1)["blocks"]))
 
 
 def clean(work: Path, side: str, method: str) -> None:
