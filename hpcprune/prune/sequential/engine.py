@@ -125,8 +125,9 @@ class BlockEngine:
             return {layer.spec.name: math.nan for layer in layers}
         outputs = self.calibration.store if self.propagate == "pruned" else None
         # The layers reading the block's first input see the same X pruned: their Hessian is their Gram matrix (× 2/N).
-        known = {name: kinds["hessian"] for name, kinds in statistics.items()
-                 if "hessian" in kinds and shared.first is not None and shared.leaders.get(name) == shared.first}
+        known = ({name: kinds["hessian"] for name, kinds in statistics.items()
+                  if "hessian" in kinds and shared.leaders.get(name) == shared.first}
+                 if shared.first is not None else {})
         with ReconstructionErrors(layers, dense_weights, self.windows, shared.leaders, known) as errors:
             run_windows(self.calibration, block, self.runner, outputs, scope=errors)
         return errors.reduce(self.world)

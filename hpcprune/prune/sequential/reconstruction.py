@@ -45,13 +45,11 @@ than their products (Σ out · in float32 ones)."""
 def measured_by_gram(layers: list[BlockLayer], leaders: dict[str, str]) -> set[str]:
     """Names of the layers measured through their input's Gram matrix; `leaders`: layer -> the layer
     whose input it shares (a layer missing from it reads an input of its own)."""
+    leader_of = {layer.spec.name: leaders.get(layer.spec.name, layer.spec.name) for layer in layers}
     width: dict[str, int] = {}
     for layer in layers:
-        leader = leaders.get(layer.spec.name, layer.spec.name)
-        width[leader] = width.get(leader, 0) + layer.linear_spec.shape[0]
-    features = {layer.spec.name: layer.in_features for layer in layers}
-    return {layer.spec.name for layer in layers
-            if width[leaders.get(layer.spec.name, layer.spec.name)] >= GRAM_WIDTH * features[layer.spec.name]}
+        width[leader_of[layer.spec.name]] = width.get(leader_of[layer.spec.name], 0) + layer.linear_spec.shape[0]
+    return {layer.spec.name for layer in layers if width[leader_of[layer.spec.name]] >= GRAM_WIDTH * layer.in_features}
 
 
 class ReconstructionErrors(WindowHooks):
