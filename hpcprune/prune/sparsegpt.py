@@ -10,7 +10,8 @@ Cholesky factor U of H⁻¹ standing in for the successively reduced inverse Hes
 the paper and its reference code (IST-DASLab/sparsegpt `fasterprune`):
 
 - dead inputs (H_jj = 0: the input never fired) get H_jj = 1 and a zero weight column;
-- damping λ = percdamp · mean(diag H) is added to the diagonal; U = Cholesky(H⁻¹)ᵀ;
+- damping λ = percdamp · mean(diag H) is added to the diagonal; U = Cholesky(H⁻¹)ᵀ (here from one
+  Cholesky factor of H with its inputs in reverse order, inverted: the same U);
 - columns in lazy blocks of `blocksize`: inside a block each column's update reaches the block's
   later columns at once, the columns after the block get the block's errors in one matmul;
 - masks chosen adaptively from the saliency w²/U_jj² of the weights as updated so far:
@@ -42,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from scipy.linalg.lapack import dtrtri
 
 from hpcprune.prune.patterns import keep_largest
 from hpcprune.prune.selection import prune_count
@@ -110,18 +112,32 @@ def invert_hessian(hessian: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP) ->
     dead = h.diagonal() == 0
     h[diagonal[dead], diagonal[dead]] = 1.0
     h[diagonal, diagonal] += percdamp * h.diagonal().mean()
-    lower = _cholesky(h, "the damped Hessian")
-    inverse = torch.cholesky_inverse(lower)
-    del h, lower
-    return InverseHessian(_cholesky(inverse, "its inverse", upper=True), dead)
+    # With J the reversal of the inputs' order and J·H·J = L·Lᵀ, H⁻¹ = (J·L⁻¹·J)ᵀ(J·L⁻¹·J), and J·L⁻¹·J
+    # is upper triangular with a positive diagonal: U itself. One Cholesky factor and one triangular
+    # inverse, half the work of forming H⁻¹ and factoring it again.
+    lower = _cholesky(h.flip(0, 1))
+    del h
+    return InverseHessian(_triangular_inverse(lower).flip(0, 1), dead)
 
 
-def _cholesky(matrix: torch.Tensor, what: str, upper: bool = False) -> torch.Tensor:
-    factor, info = torch.linalg.cholesky_ex(matrix, upper=upper)
+def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info):
-        raise HessianNotPositiveDefinite(f"sparsegpt: {what} is not positive definite (leading minor {int(info)}); "
-                                         "raise sparsegpt.damping or use more calibration windows")
+        raise HessianNotPositiveDefinite(f"sparsegpt: the damped Hessian is not positive definite (leading minor "
+                                         f"{int(info)}); raise sparsegpt.damping or use more calibration windows")
     return factor
+
+
+def _triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ of a lower triangular float64 L: LAPACK's trtri on CPU (a third of a triangular solve's
+    work on the identity, which torch offers instead and which the other devices use)."""
+    if lower.device.type == "cpu":
+        inverse, info = dtrtri(lower.numpy(), lower=1)
+        if info:
+            raise HessianNotPositiveDefinite(f"sparsegpt: the damped Hessian's factor is singular (entry {info})")
+        return torch.from_numpy(inverse)
+    identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(lower, identity, upper=False)
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | InverseHessian, rule: SparseGPTRule,
