@@ -165,6 +165,27 @@ def test_rows_split_over_ranks_give_the_same_bits():
         assert torch.equal(torch.cat([piece.losses for piece in pieces]), whole.losses)
 
 
+@pytest.mark.parametrize("selection", ["row", "nm"])
+def test_rows_split_give_the_same_bits_on_several_threads(selection):
+    """torch cuts a large element-wise update between its threads where the update's size says: the
+    rows a rank solves must not change the bits, whatever `sequential.threads` is."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for rows, columns, seed in ((3 * ROW_TILE + 44, 200, 0), (5 * ROW_TILE + 20, 300, 1), (600, 256, 2)):
+            weight, _, hessian = layer(rows, columns, seed=seed, dead=(3,))
+            rule = SparseGPTRule(sparsity=0.5, selection=selection)
+            inverse = invert_hessian(hessian, rule.percdamp)
+            whole = sparsegpt(weight, inverse, rule)
+            for parts in (2, 3, 4):
+                pieces = [sparsegpt(weight, inverse, rule, rows=span) for span in row_ranges(rows, parts)]
+                assert torch.equal(torch.cat([piece.weight for piece in pieces]), whole.weight), (rows, parts)
+                assert torch.equal(torch.cat([piece.losses for piece in pieces]), whole.losses), (rows, parts)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+
+
 def test_row_ranges_on_tile_boundaries():
     assert row_ranges(300, 2) == [(0, 128), (128, 300)]
     assert row_ranges(100, 3) == [(0, 0), (0, 0), (0, 100)]

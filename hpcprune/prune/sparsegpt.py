@@ -31,7 +31,8 @@ masks carry the accuracy of the data, not of the rounding, and the masks equal t
 algorithm. float32 halves the memory and the matmul time where float64 is slow (consumer GPUs).
 
 Same bits for any split of the rows: the column loop is element-wise over the rows it holds (each
-row's numbers go through the same operations whatever rows sit beside it), and the one reduction,
+row's numbers go through the same operations whatever rows sit beside it, on one thread: see
+hpcprune.dist.threads), and the one reduction,
 the lazy update's matmul, runs on fixed tiles of ROW_TILE rows counted from row 0 of the layer, each
 copied into its own allocation, so a tile's product is the same call on the same bits wherever the
 tile is solved. A row range must therefore start on a tile boundary (`row_ranges` makes such splits).
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from scipy.linalg.lapack import dtrtri
 
+from hpcprune.dist.threads import one_thread
 from hpcprune.prune.patterns import keep_largest
 from hpcprune.prune.selection import prune_count
 
@@ -184,27 +186,37 @@ def _solve_block(w: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor, firs
     """Prune and update columns [first, last) of `w` in place; returns their errors (w - q) / U_jj.
 
     The block is held transposed (a column of `w` is a contiguous row), so each column's update
-    sweeps contiguous memory; the operations per element are the same."""
+    sweeps contiguous memory; the operations per element are the same. A column's error is its
+    weights divided by U_jj where pruned and by +inf where kept (0, with no update to spread), one
+    operation; its update reaches only the later columns, which are all that read it, and the pruned
+    weights are set to exactly 0 once, after the loop (not w - (w/d)·d)."""
     block = w[:, first:last].T.contiguous()
     local = factor[first:last, first:last]
     pivots = local.diagonal()
     block_keep = keep[:, first:last]
+    divisors = torch.empty_like(block)
     if rule.selection != "nm":
         block_keep.copy_(_choose_block(block.T, pivots, first, last, rule))
-    block_pruned = None if rule.selection == "nm" else ~block_keep.T  # a column's row of flags, contiguous
-    errors = torch.zeros_like(block)
-    for column in range(last - first):
-        if rule.selection == "nm" and column % rule.m == 0:
-            group = slice(column, column + rule.m)
-            block_keep[:, group] = _keep_largest(_saliency(block[group].T, pivots[group]), rule.m - rule.n)
-        pruned = ~block_keep[:, column] if block_pruned is None else block_pruned[column]
-        error = torch.where(pruned, block[column] / pivots[column], 0.0)
-        # In place, with no temporary the size of the block's remaining columns: one sweep of memory.
-        block[column:].addr_(local[column, column:], error, alpha=-1.0)
-        block[column].masked_fill_(pruned, 0.0)  # exactly 0, not w - (w/d)·d
-        errors[column] = error
+        _set_divisors(divisors, block_keep.T, pivots)
+    errors = torch.empty_like(block)
+    columns, column_divisors, column_errors = block.unbind(0), divisors.unbind(0), errors.unbind(0)
+    with one_thread():  # the rows a rank solves must not change the update's bits
+        for column in range(last - first):
+            if rule.selection == "nm" and column % rule.m == 0:
+                group = slice(column, column + rule.m)
+                block_keep[:, group] = _keep_largest(_saliency(block[group].T, pivots[group]), rule.m - rule.n)
+                _set_divisors(divisors[group], block_keep[:, group].T, pivots[group])
+            torch.div(columns[column], column_divisors[column], out=column_errors[column])
+            # In place, with no temporary the size of the block's remaining columns: one sweep of memory.
+            block[column + 1:].addr_(local[column, column + 1:], column_errors[column], alpha=-1.0)
+    block.masked_fill_(~block_keep.T, 0.0)
     w[:, first:last] = block.T
     return errors.T
+
+
+def _set_divisors(divisors: torch.Tensor, kept: torch.Tensor, pivots: torch.Tensor) -> None:
+    """U_jj where a weight is pruned, +inf where kept (columns x rows, as the block is held)."""
+    divisors.copy_(pivots.unsqueeze(1).expand_as(divisors)).masked_fill_(kept, torch.inf)
 
 
 def _choose_block(block: torch.Tensor, pivots: torch.Tensor, first: int, last: int, rule: SparseGPTRule) -> torch.Tensor:

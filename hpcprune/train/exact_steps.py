@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from hpcprune.dist.exact_sum import sum_kept_terms
+from hpcprune.dist.threads import one_thread
 from hpcprune.dist.world import World
 
 BATCH_SEED_STRIDE = 1_000_003  # seeds of batches of different epochs never meet for epochs this long
@@ -119,25 +119,14 @@ def exact_epoch(model: nn.Module, data: Dataset, plan: StepPlan, epoch: int, opt
     model.train()
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     losses = []
+    # On one thread: split over threads, a reduction (a bias gradient, a sum over the batch) adds its
+    # partial sums in another order, and 1 rank with 2 threads would differ from 2 ranks with 1.
     with one_thread():
         for step in wrap_steps(plan.epoch(epoch)):
             _one_step(model, data, plan, epoch, step, parameters, losses, optimizer, enforcer,
                       world=world, device=device, loss_of=loss_of, after_step=after_step)
     loss_sum = sum_kept_terms(losses, (1,), plan.batches, world)
     return float(loss_sum[0] / plan.size) if plan.size else math.nan
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """torch's CPU kernels on one thread: split over threads, a reduction (a bias gradient, a sum over
-    the batch) adds its partial sums in another order, and 1 rank with 2 threads would differ in
-    the last bits from 2 ranks with 1. The ranks are the parallelism of exact steps."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _one_step(model, data, plan: StepPlan, epoch: int, step: Step, parameters, losses: list, optimizer, enforcer, *,
