@@ -104,22 +104,24 @@ class Solved:
 
 
 def invert_hessian(hessian: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP) -> InverseHessian:
-    """Dead inputs, damping and U = Cholesky(H⁻¹)ᵀ, in float64 on the Hessian's device."""
-    h = hessian.to(torch.float64, copy=True)
-    if h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise ValueError(f"a Hessian is square, got shape {tuple(h.shape)}")
-    if not bool(torch.isfinite(h).all()):
+    """Dead inputs, damping and U = Cholesky(H⁻¹)ᵀ, in float64 on the Hessian's device.
+
+    With J the reversal of the inputs' order and J·H·J = L·Lᵀ, H⁻¹ = (J·L⁻¹·J)ᵀ(J·L⁻¹·J), and J·L⁻¹·J
+    is upper triangular with a positive diagonal: U itself. One Cholesky factor and one triangular
+    inverse, half the work of forming H⁻¹ and factoring it again; the matrix is reversed (and damped)
+    in its one copy, and L inverted in L's memory."""
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"a Hessian is square, got shape {tuple(hessian.shape)}")
+    reversed_h = hessian.to(torch.float64).flip(0, 1)  # a new tensor: J·H·J
+    if not bool(torch.isfinite(reversed_h).all()):
         raise ValueError("the Hessian has NaN or infinite entries (non-finite activations)")
-    diagonal = torch.arange(h.shape[0], device=h.device)
-    dead = h.diagonal() == 0
-    h[diagonal[dead], diagonal[dead]] = 1.0
-    h[diagonal, diagonal] += percdamp * h.diagonal().mean()
-    # With J the reversal of the inputs' order and J·H·J = L·Lᵀ, H⁻¹ = (J·L⁻¹·J)ᵀ(J·L⁻¹·J), and J·L⁻¹·J
-    # is upper triangular with a positive diagonal: U itself. One Cholesky factor and one triangular
-    # inverse, half the work of forming H⁻¹ and factoring it again.
-    lower = _cholesky(h.flip(0, 1))
-    del h
-    return InverseHessian(_triangular_inverse(lower).flip(0, 1), dead)
+    diagonal = torch.arange(reversed_h.shape[0], device=reversed_h.device)
+    dead = reversed_h.diagonal() == 0
+    reversed_h[diagonal[dead], diagonal[dead]] = 1.0
+    reversed_h[diagonal, diagonal] += percdamp * reversed_h.diagonal().mean()
+    lower = _cholesky(reversed_h)
+    del reversed_h
+    return InverseHessian(_triangular_inverse(lower).flip(0, 1), dead.flip(0))
 
 
 def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
@@ -133,8 +135,8 @@ def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
 def _triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
     """L⁻¹ of a lower triangular float64 L: LAPACK's trtri on CPU (a third of a triangular solve's
     work on the identity, which torch offers instead and which the other devices use)."""
-    if lower.device.type == "cpu":
-        inverse, info = dtrtri(lower.numpy(), lower=1)
+    if lower.device.type == "cpu":  # in place: torch's factor is column-major, as LAPACK's arrays
+        inverse, info = dtrtri(lower.numpy(), lower=1, overwrite_c=1)
         if info:
             raise HessianNotPositiveDefinite(f"sparsegpt: the damped Hessian's factor is singular (entry {info})")
         return torch.from_numpy(inverse)
