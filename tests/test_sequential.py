@@ -9,6 +9,7 @@ The models are tiny random LLaMA, OPT and BERT folders written by tests/tiny_llm
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -196,6 +197,44 @@ def test_errors_from_the_hessian_and_from_gram_matrices_are_those_of_the_product
     assert ways.keys() == products.keys()
     for name, error in products.items():
         assert 0 < error < 1 and ways[name] == pytest.approx(error, rel=1e-5), name
+
+
+@pytest.mark.parametrize("propagate, pruned_passes", [("pruned", 1), ("dense", 0)])
+def test_without_errors_the_masks_and_weights_are_the_same_and_nothing_is_measured(tiny_folders, tmp_path,
+                                                                                   monkeypatch, propagate,
+                                                                                   pruned_passes):
+    """sequential.errors false: NaN errors, no measuring hooks, the pruned block run only to feed the
+    next block (not at all under propagate dense), and the masks and SparseGPT's weights unchanged."""
+    from safetensors.torch import load_file
+
+    from hpcprune.prune.sequential import engine
+
+    passes, run_windows = [], engine.run_windows
+
+    def counted(stream, *args, scope=None):
+        passes.append((stream, scope))
+        return run_windows(stream, *args, scope=scope)
+
+    monkeypatch.setattr(engine, "run_windows", counted)
+    runs = {}
+    for errors in ("true", "false"):
+        passes.clear()
+        out = tmp_path / f"errors-{errors}.h5"
+        prune_folder(tiny_folders.llama, tiny_folders, out, "prune.criterion=sparsegpt",
+                     f"sequential.propagate={propagate}", f"sequential.errors={errors}")
+        calibration = next(stream for stream, scope in passes if scope is not None)  # the dense pass's windows
+        runs[errors] = out, [scope for stream, scope in passes if stream is calibration]
+    (measured, measuring), (skipped, skipping) = runs["true"], runs["false"]
+    blocks = len(round_tables(skipped, 1)["blocks"])
+    assert sum(isinstance(scope, engine.ReconstructionErrors) for scope in measuring) == blocks
+    assert not any(isinstance(scope, engine.ReconstructionErrors) for scope in skipping)
+    assert len(skipping) == blocks * (1 + pruned_passes)  # the dense pass, and the pruned one where it feeds on
+    assert all(math.isnan(row["error"]) for row in round_tables(skipped, 1)["reconstruction"])
+    assert all(0 < row["error"] < 1 for row in round_tables(measured, 1)["reconstruction"])
+    assert_same_masks(skipped, measured)
+    for shard in sorted((Path(f"{measured}.states") / "blocks").glob("block-*.safetensors")):
+        theirs = load_file(Path(f"{skipped}.states") / "blocks" / shard.name)
+        assert all(torch.equal(tensor, theirs[name]) for name, tensor in load_file(shard).items()), shard.name
 
 
 def test_sparsegpt_exports_its_updated_weights_to_a_folder_transformers_loads(tiny_folders, tmp_path):

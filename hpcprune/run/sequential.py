@@ -96,7 +96,8 @@ def _run_blocks(config: RunConfig, world: World, lazy: LazyModel, plan: Plan, st
     """Every block in turn: pruned and recorded, or, recorded before, replayed from the archive."""
     engine = BlockEngine(block_method(config), LayerRule.of(config.prune), world, runner,
                          streams.calibration, len(calibration) if calibration is not None else 0,
-                         config.sequential.propagate, calibration.group if calibration is not None else 1)
+                         config.sequential.propagate, calibration.group if calibration is not None else 1,
+                         errors=config.sequential.errors)
     recorded = {row["block"]: row for row in point.recorded}
     path = Path(config.output.path)
     with bar(total=len(lazy), enabled=config.progress and world.is_root, description="blocks", unit="block") as progress:

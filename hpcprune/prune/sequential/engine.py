@@ -13,7 +13,8 @@
 3. masks (and new weights) are applied: pruned weights are exactly +0.0;
 4. the pruned block runs the windows again, measuring each layer's reconstruction error, and its
    outputs become the next block's inputs (`sequential.propagate: pruned`); with `dense`, the dense
-   outputs of step 1 do.
+   outputs of step 1 do. With `sequential.errors: false` nothing is measured (NaN errors), and
+   with `dense` as well the pruned block does not run at all.
 `replay(block, layers, decisions)` does steps 3 and 4 (or 1 and 3) with recorded decisions and no
 statistics: resume rebuilds a block's inputs from the blocks already done. A window is the unit
 of every pass, so what a rank computes for a window does not depend on which other windows it holds.
@@ -59,12 +60,14 @@ class BlockOutcome:
 
 class BlockEngine:
     def __init__(self, method: BlockMethod, rule: LayerRule, world: World, runner: BlockRunner,
-                 calibration: Stream | None, windows: int, propagate: str, window_group: int = 1):
+                 calibration: Stream | None, windows: int, propagate: str, window_group: int = 1,
+                 errors: bool = True):
         self.method, self.rule, self.world, self.runner = method, rule, world, runner
         self.calibration = calibration  # this rank's calibration windows (None: the run has none)
         self.windows = windows  # calibration windows over all ranks
         self.propagate = propagate
         self.window_group = window_group  # consecutive windows summed before the exact sum (on one rank)
+        self.errors = errors and calibration is not None  # reconstruction errors measured (sequential.errors)
 
     def prune(self, block: nn.Module, layers: list[BlockLayer]) -> BlockOutcome:
         statistics, dense_outputs, shared = self._dense_pass(block, layers)
@@ -72,7 +75,7 @@ class BlockEngine:
         mine = {piece.key: self._decide(piece, statistics) for piece, owner in pieces if owner == self.world.rank}
         decisions = share_decisions(mine, self.world).joined([piece for piece, _ in pieces])
         dense_weights = ({layer.spec.name: layer.module.weight.detach().clone() for layer in layers}
-                         if self.calibration is not None else {})
+                         if self.errors else {})
         apply_decisions(layers, decisions)
         errors = self._pruned_pass(block, layers, dense_weights, shared, statistics)
         if dense_outputs is not None:
@@ -121,9 +124,11 @@ class BlockEngine:
 
     def _pruned_pass(self, block, layers, dense_weights, shared: SharedInputs,
                      statistics: LayerStatistics) -> dict[str, float]:
-        if self.calibration is None:
+        outputs = self.calibration.store if self.calibration is not None and self.propagate == "pruned" else None
+        if not self.errors:
+            if outputs is not None:  # the next block's inputs, nothing measured
+                run_windows(self.calibration, block, self.runner, outputs)
             return {layer.spec.name: math.nan for layer in layers}
-        outputs = self.calibration.store if self.propagate == "pruned" else None
         # The layers reading the block's first input see the same X pruned: their Hessian is their Gram matrix (× 2/N).
         known = ({name: kinds["hessian"] for name, kinds in statistics.items()
                   if "hessian" in kinds and shared.leaders.get(name) == shared.first}
