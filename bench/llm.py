@@ -2,6 +2,7 @@
 
     python bench/llm.py --model ~/.cache/hpcprune/smollm2-135m --texts ~/.cache/hpcprune/texts
     python bench/llm.py --model DIR --texts DIR --methods sparsegpt --eval-windows 32   # a short run
+    python bench/llm.py ... --hpcprune-set sequential.errors=false --name llm-no-errors  # hpcprune measuring no errors
 
 Both sides prune the same model (float32) on the same calibration windows, drawn once here from
 TEXTS/calibration.txt and handed to each side as a file: `--samples` windows of `--sequence-length`
@@ -186,7 +187,8 @@ def table(result: dict) -> str:
     lines = [f"# {result['name']}: hpcprune against llm-compressor", "",
              f"{result['model']}, {result['windows'][0]} windows x {result['windows'][1]} tokens, "
              f"{result['threads']} thread(s), eval {result['eval_windows']} windows; dense perplexity "
-             f"{result['dense_perplexity']:.2f}. {result['note']}", "",
+             f"{result['dense_perplexity']:.2f}. {result['note']}",
+             *([f"hpcprune's sides with {', '.join(result['hpcprune_set'])}."] if result.get("hpcprune_set") else []), "",
              "| method | side | prune s | blocks s | CPU s | peak RSS GiB | sparsity | perplexity | s / anchor "
              "| blocks s / anchor | CPU s / anchor | RSS / anchor | ppl / anchor | s / 1 rank |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/hpcprune-bench-llm"))
     parser.add_argument("--name", default="llm")
     parser.add_argument("--note", default="")
+    parser.add_argument("--hpcprune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the hpcprune sides (repeatable), e.g. sequential.errors=false")
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(args.threads)
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     save_file({"input_ids": windows}, args.work / "windows.safetensors")
     args.eval_ids = eval_windows(args.model, args.texts / "eval.txt", args.sequence_length, args.eval_windows)
     result = {"name": args.name, "model": str(args.model), "windows": list(windows.shape), "threads": args.threads,
-              "eval_windows": len(args.eval_ids), "note": args.note, "host": platform.node(), "cells": [],
+              "eval_windows": len(args.eval_ids), "note": args.note, "host": platform.node(),
+              "hpcprune_set": args.hpcprune_set, "cells": [],
               "dense_perplexity": perplexity(load_model(args.model), args.eval_ids)}
     print(f"dense perplexity {result['dense_perplexity']:.2f} on {len(args.eval_ids)} windows", flush=True)
     for method in args.methods:

@@ -6,7 +6,7 @@ Each run is the CLI on the model folder, with the bench's calibration text, wind
 length and seed (so hpcprune.models.text_windows draws the very windows the other sides get) and
 `sequential.threads` = --threads per rank; no eval.text, since bench/llm.py measures every side's
 perplexity itself; SparseGPT's damping and block size are the defaults, 1 % and 128, as the
-other sides'. Every process is bench/llm_rank.py, which writes its own peak RSS and CPU
+other sides'; then bench/llm.py's --hpcprune-set overrides, if any. Every process is bench/llm_rank.py, which writes its own peak RSS and CPU
 seconds; the side's seconds are the launcher's wall time of the whole run (start-up, reading the
 model block by block and the first inputs included: the anchor's exclude its imports and model load;
 `blocks_seconds`, the archive's per-block seconds summed, leaves ours out too). The
@@ -45,7 +45,7 @@ def overrides(method: str, args, archive: Path) -> list[str]:
             f"calibration.text={args.texts / 'calibration.txt'}", f"calibration.samples={args.samples}",
             f"calibration.sequence_length={args.sequence_length}", f"calibration.seed={args.seed}",
             f"sequential.threads={args.threads}", f"output.path={archive}", "progress=false",
-            *SETTINGS[method], *sparsity]
+            *SETTINGS[method], *sparsity, *args.hpcprune_set]
 
 
 def run_pipeline(side: str, method: str, args, work: Path) -> tuple[dict, Path] | dict:
