@@ -45,18 +45,20 @@ def selected(rule: str, plan: Plan, scores, **options) -> dict[str, np.ndarray]:
     return {name: np.array(chosen.masks[name]) for name in chosen.masks}
 
 
-@pytest.mark.parametrize("rule, options, retain_limit", [
-    ("global", dict(sparsity=0.6), radix.RETAIN_LIMIT),
-    ("global", dict(sparsity=0.6), 0),  # passes 3 and 4 come back to tensors already written
-    ("global", dict(sparsity=0.0), radix.RETAIN_LIMIT),
-    ("layer", dict(sparsity=0.5), radix.RETAIN_LIMIT),
-    ("threshold", dict(sparsity=0.0, threshold=0.75), radix.RETAIN_LIMIT),
-    ("row", dict(sparsity=0.5), radix.RETAIN_LIMIT),
-    ("nm", dict(sparsity=0.5, n=2, m=4), radix.RETAIN_LIMIT),
+@pytest.mark.parametrize("rule, options, retain_limit, spill_share", [
+    ("global", dict(sparsity=0.6), radix.RETAIN_LIMIT, radix.SPILL_SHARE),
+    ("global", dict(sparsity=0.6), 0, 0),  # passes 3 and 4 come back to tensors already written
+    ("global", dict(sparsity=0.6), 0, 1),  # the bin's elements spilled, then the masks set from them
+    ("global", dict(sparsity=0.0), radix.RETAIN_LIMIT, radix.SPILL_SHARE),
+    ("layer", dict(sparsity=0.5), radix.RETAIN_LIMIT, radix.SPILL_SHARE),
+    ("threshold", dict(sparsity=0.0, threshold=0.75), radix.RETAIN_LIMIT, radix.SPILL_SHARE),
+    ("row", dict(sparsity=0.5), radix.RETAIN_LIMIT, radix.SPILL_SHARE),
+    ("nm", dict(sparsity=0.5, n=2, m=4), radix.RETAIN_LIMIT, radix.SPILL_SHARE),
 ])
-def test_masks_kept_on_disk_are_the_masks_kept_in_memory(monkeypatch, rule, options, retain_limit):
+def test_masks_kept_on_disk_are_the_masks_kept_in_memory(monkeypatch, rule, options, retain_limit, spill_share):
     monkeypatch.setattr(streaming, "CHUNK", 64)  # many chunks per tensor, several threads' worth
     monkeypatch.setattr(radix, "RETAIN_LIMIT", retain_limit)
+    monkeypatch.setattr(radix, "SPILL_SHARE", spill_share)
     plan = make_plan()
     scores = tied_scores(plan, seed=5)
     in_memory = selected(rule, plan, scores, **options)

@@ -421,6 +421,7 @@ def test_global_reads_again_only_past_the_retain_limit(monkeypatch, two_threads,
     # those keeping some of their many ties; the masks stay exact.
     monkeypatch.setattr(streaming, "CHUNK", 64)
     monkeypatch.setattr(radix, "RETAIN_LIMIT", 0)
+    monkeypatch.setattr(radix, "SPILL_SHARE", 0)
     plan = make_plan()
     fixed = random_scores(plan, seed=29, values=values)
     lazy = LazyScores(fixed)
@@ -430,9 +431,74 @@ def test_global_reads_again_only_past_the_retain_limit(monkeypatch, two_threads,
     assert_same_bool_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
 
 
+class CountedSpills(streaming.Spill):
+    """A spill file that records itself, what was written to it, and whether it was closed."""
+
+    made: list[CountedSpills] = []
+
+    def __init__(self):
+        super().__init__()
+        self.closed = False
+        CountedSpills.made.append(self)
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
+@pytest.fixture
+def counted_spills(monkeypatch):
+    CountedSpills.made = []
+    monkeypatch.setattr(streaming, "Spill", CountedSpills)
+    return CountedSpills.made
+
+
+@pytest.mark.parametrize("values, retain_limit, most_reads", [
+    (None, 0, 2),  # the bin spilled: T decides it without another read
+    ([0.5, 1.0, 2.0], 10**6, 2),  # many ties, spilled, but their flat indices fit in memory
+    ([0.5, 1.0, 2.0], 0, 3),  # too many ties to hold: pass 4 reads the tensors keeping some of them
+])
+def test_global_spills_the_bin_past_the_retain_limit_instead_of_reading_again(
+        monkeypatch, two_threads, counted_spills, values, retain_limit, most_reads):
+    monkeypatch.setattr(streaming, "CHUNK", 64)
+    monkeypatch.setattr(radix, "RETAIN_LIMIT", retain_limit)
+    monkeypatch.setattr(radix, "SPILL_SHARE", 1)
+    monkeypatch.setattr(streaming.Budget, "keep", spill_everything(streaming.Budget.keep))
+    plan = make_plan()
+    fixed = random_scores(plan, seed=29, values=values)
+    lazy = LazyScores(fixed)
+    chosen = select("global", lazy, plan, SingleWorld(), sparsity=0.45)
+    assert max(lazy.reads.values()) == most_reads
+    assert len(counted_spills) == 1 and counted_spills[0].bytes > 0 and counted_spills[0].closed
+    assert_same_bool_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
+
+
+def spill_everything(keep):
+    """Budget.keep with no room in memory, whatever RETAIN_LIMIT (which then bounds only the ties held)."""
+    def spilling(budget, offsets, digits):
+        if budget.spill_left and budget.left is not None:
+            budget.left = 0
+        return keep(budget, offsets, digits)
+    return spilling
+
+
+def test_global_reads_again_when_the_bin_outgrows_the_spill_share(monkeypatch, counted_spills):
+    monkeypatch.setattr(streaming, "CHUNK", 64)
+    monkeypatch.setattr(radix, "RETAIN_LIMIT", 0)
+    monkeypatch.setattr(radix, "SPILL_SHARE", 0.001)  # a few elements: less than the bin holds
+    plan = make_plan()
+    fixed = random_scores(plan, seed=29)
+    lazy = LazyScores(fixed)
+    chosen = select("global", lazy, plan, SingleWorld(), sparsity=0.45)
+    assert max(lazy.reads.values()) == 3
+    assert all(spill.closed for spill in counted_spills)  # given up, and deleted at once
+    assert_same_bool_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
+
+
 def test_each_pass_reads_the_tensors_in_the_reverse_order_of_the_pass_before(monkeypatch):
     # What a pass read last is what the page cache still holds of a checkpoint larger than memory.
     monkeypatch.setattr(radix, "RETAIN_LIMIT", 0)  # pass 3 runs
+    monkeypatch.setattr(radix, "SPILL_SHARE", 0)
     plan = make_plan()
     fixed = random_scores(plan, seed=31)
     lazy = LazyScores(fixed)
@@ -502,9 +568,11 @@ def test_wrong_scores_on_one_rank_raise_on_every_rank(rule):
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1200])
 @pytest.mark.parametrize("retain_limit", [0, 5, 1 << 21])
-def test_global_is_exact_for_any_chunk_size(monkeypatch, chunk, retain_limit):
+@pytest.mark.parametrize("spill_share", [0, 0.01, 1])
+def test_global_is_exact_for_any_chunk_size(monkeypatch, chunk, retain_limit, spill_share):
     monkeypatch.setattr(streaming, "CHUNK", chunk)
     monkeypatch.setattr(radix, "RETAIN_LIMIT", retain_limit)
+    monkeypatch.setattr(radix, "SPILL_SHARE", spill_share)  # none, some of the bin, all of it
     plan = make_plan()
     for values in (None, [0.5, 1.0, 2.0, -0.0]):
         scores = random_scores(plan, seed=13, values=values)

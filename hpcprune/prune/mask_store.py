@@ -102,14 +102,14 @@ class MaskStore(Sequence[np.ndarray]):
         if self._active is None:
             return
         position, array = self._active
-        _write_at(self._file.fileno(), array, self._offsets[position])
+        write_at(self._file.fileno(), array, self._offsets[position])
         self._written[position] = True
         self._active = None
 
     def _load(self, position: int) -> np.ndarray:
         array = np.empty(self._sizes[position], dtype=np.uint8)
         if self._written[position]:
-            _read_at(self._file.fileno(), array, self._offsets[position])
+            read_at(self._file.fileno(), array, self._offsets[position])
         return array
 
 
@@ -138,14 +138,16 @@ def store_masks(specs: Sequence[TensorSpec], masks: Mapping[str, np.ndarray] | I
     return store.named(specs)
 
 
-def _write_at(fd: int, array: np.ndarray, offset: int) -> None:
+def write_at(fd: int, array: np.ndarray, offset: int) -> None:
+    """All of `array`'s bytes into the file at `offset`."""
     view = memoryview(array).cast("B")
     while view:  # a single pwrite moves at most about 2 GiB on Linux
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
 
 
-def _read_at(fd: int, array: np.ndarray, offset: int) -> None:
+def read_at(fd: int, array: np.ndarray, offset: int) -> None:
+    """`array` filled from the file's bytes at `offset`."""
     view = memoryview(array).cast("B")
     while view:
         read = os.preadv(fd, [view], offset)

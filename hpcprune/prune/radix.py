@@ -9,16 +9,19 @@ find the boundary key T, each streaming fixed-size chunks and summing a 65536-bi
 ranks with one allreduce:
 
   pass 1  histogram of the high digit (plus NaN and -inf counts): the bin that holds T;
-  pass 2  the final mask bits of every element outside that bin, and the low digits of the few
-          elements inside it, kept with their positions (up to RETAIN_LIMIT per rank).
+  pass 2  the final mask bits of every element outside that bin, and the low digits of the
+          elements inside it, kept with their positions: up to RETAIN_LIMIT per rank in memory,
+          then in a spill file (hpcprune.prune.spill) up to SPILL_SHARE of the rank's elements.
 
 T and the per-tensor counts of elements equal to T (summed over ranks in one allreduce) then decide
 the kept elements without reading any score again: below T pruned, above kept, equal to T pruned
 earliest first in the global order (tensor index, then flat index). A rank whose bin holds more
-than RETAIN_LIMIT elements reads the tensors that have some once more, once T is known (pass 3),
-keeping the positions of the elements equal to T; only if those too are more than RETAIN_LIMIT
-does it read the tensors that keep some of them a last time (pass 4). So memory stays bounded
-whatever the model, and the masks are the same for every world size and owner assignment.
+elements than it may keep reads the tensors that have some once more, once T is known (pass 3),
+keeping the positions of the elements equal to T; only if those are more than RETAIN_LIMIT does
+it read the tensors that keep some of them a last time (pass 4). So memory stays bounded whatever
+the model, a checkpoint larger than memory is read from disk twice, not three times (the bin of
+a large model holds millions of elements), and the masks are the same for every world size and
+owner assignment.
 
 Chunk kernels are numpy on host arrays that share memory with the tensors (on CPU its compare,
 select and count kernels are several times faster than torch's), spread over worker threads that
@@ -53,11 +56,16 @@ from hpcprune.prune.streaming import (
     as_failure,
     nan_message,
     raise_if_failed,
+    unpack,
     write_bits,
 )
 
 RETAIN_LIMIT = 1 << 20
-"""Most elements a rank keeps (6 bytes each) between passes instead of reading the scores again."""
+"""Most elements a rank keeps in memory (6 bytes each) between passes instead of reading the scores again."""
+
+SPILL_SHARE = 1 / 8
+"""Most elements pass 2 writes to its spill file beyond RETAIN_LIMIT, as a share of the rank's
+elements: 6 bytes each written and read back, against 4 bytes of every score read again by pass 3."""
 
 
 # --- exact k smallest by radix selection ------------------------------------------------------------
@@ -84,13 +92,14 @@ def smallest(tensors: Tensors, k: int, world: World, stream: Streamer, *, slots:
             _keep_all(masks[position], spec.numel)
         return _Chosen(masks, sum(s.numel for s in tensors.specs), None)
     high_digit, below_high = _digit_at_rank(high, k)
-    counts = _split_high_bin(tensors, high_digit, masks, stream)
-    low_digit, below_low = _digit_at_rank(world.allreduce_sum(counts.histogram), k - below_high)
+    spill_limit = int(SPILL_SHARE * sum(spec.numel for spec in tensors.specs))
+    with Budget(RETAIN_LIMIT, spill_limit) as budget:
+        counts = _split_high_bin(tensors, high_digit, masks, stream, budget)
+        low_digit, below_low = _digit_at_rank(world.allreduce_sum(counts.histogram), k - below_high)
+        if counts.retained is not None:
+            ties, tie_offsets, chunk_ties = _decide_retained(counts, low_digit, masks)
     boundary = _float_of_key(((high_digit - HALF) << DIGIT_BITS) | low_digit)
-    chunk_ties: dict[tuple[int, int], int] = {}
-    if counts.retained is not None:
-        ties, tie_offsets = _decide_retained(counts, low_digit, masks)
-    else:  # pass 3: read again the tensors with elements in the bin, now that T is known
+    if counts.retained is None:  # pass 3: read again the tensors with elements in the bin, now that T is known
         inside = [position for position in range(len(tensors.specs)) if counts.inside[position]]
         again = _split_at_boundary(tensors, inside, boundary, masks, stream)
         counts.kept[inside] = again.kept[inside]
@@ -181,7 +190,7 @@ def _digit_at_rank(histogram: np.ndarray, k: int) -> tuple[int, int]:
     return digit, int(cumulative[digit - 1]) if digit else 0
 
 
-def _split_high_bin(tensors: Tensors, high_digit: int, masks, stream: Streamer) -> Counts:
+def _split_high_bin(tensors: Tensors, high_digit: int, masks, stream: Streamer, budget: Budget) -> Counts:
     """Pass 2: mask bits of the elements outside the high digit's bin, low digits of those inside.
 
     The bin's bounds are two floats, since float order is key order: elements above it are kept,
@@ -190,7 +199,6 @@ def _split_high_bin(tensors: Tensors, high_digit: int, masks, stream: Streamer) 
     first = (high_digit - HALF) << DIGIT_BITS
     floor = np.float32(_float_of_key(max(first, -INF_KEY)))
     ceiling = np.float32(_float_of_key(min(first + BINS - 1, INF_KEY)))
-    budget = Budget(RETAIN_LIMIT)
     work = partial(_split_chunk, floor=floor, ceiling=ceiling, masks=masks, budget=budget)
     counts = stream.run(tensors, range(len(tensors.specs)), work, partial(Counts.zero, len(tensors.specs)))
     if budget.overdrawn:
@@ -214,20 +222,32 @@ def _split_chunk(chunk: Chunk, counts: Counts, *, floor, ceiling, masks, budget:
     return counts
 
 
-def _decide_retained(counts: Counts, low_digit: int, masks) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Set the bits of retained elements above T; per tensor, the number and flat indices of those equal to T."""
+def _decide_retained(counts: Counts, low_digit: int, masks):
+    """Set the bits of retained elements above T. Of those equal to T: the number per tensor, the
+    number per chunk (for pass 4), and the flat indices per tensor while they fit in RETAIN_LIMIT
+    (None beyond: spilled elements can hold more ties than memory may)."""
     ties = np.zeros(counts.kept.size, dtype=np.int64)
-    pieces: dict[int, list[tuple[int, np.ndarray]]] = {}
+    chunk_ties: dict[tuple[int, int], int] = {}
+    pieces: dict[int, list[tuple[int, np.ndarray]]] | None = {}
+    held = 0  # flat indices of ties in pieces
     # Tensor by tensor: a mask kept on disk is then read back once, not once per chunk.
-    for position, start, offsets, digits in sorted(counts.retained, key=operator.itemgetter(0, 1)):
+    for position, start, kept in sorted(counts.retained, key=operator.itemgetter(0, 1)):
+        offsets, digits = unpack(kept)
         flat = start + offsets.astype(np.int64)
         above = digits > low_digit
         _set_bits(masks[position], flat[above])
         counts.kept[position] += int(np.count_nonzero(above))
         equal = flat[digits == low_digit]
+        if not equal.size:
+            continue
         ties[position] += equal.size
-        pieces.setdefault(position, []).append((start, equal))
-    return ties, _in_flat_order(pieces)
+        chunk_ties[(position, start)] = equal.size
+        held += equal.size
+        if pieces is not None and held <= RETAIN_LIMIT:
+            pieces.setdefault(position, []).append((start, equal))
+        else:
+            pieces = None  # too many to hold: pass 4 finds the late ones again
+    return ties, None if pieces is None else _in_flat_order(pieces), chunk_ties
 
 
 def _in_flat_order(pieces: dict[int, list[tuple[int, np.ndarray]]]) -> dict[int, np.ndarray]:
@@ -269,7 +289,8 @@ def _ties_found(counts: Counts, tensors: int) -> tuple[np.ndarray, dict[int, np.
     if counts.retained is None:
         return ties, None
     pieces: dict[int, list[tuple[int, np.ndarray]]] = {}
-    for position, start, offsets, _ in counts.retained:
+    for position, start, kept in counts.retained:
+        offsets, _ = unpack(kept)
         pieces.setdefault(position, []).append((start, start + offsets.astype(np.int64)))
     return ties, _in_flat_order(pieces)
 

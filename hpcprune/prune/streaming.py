@@ -24,6 +24,7 @@ from hpcprune.dist.failures import raise_if_any
 from hpcprune.dist.world import World
 from hpcprune.prune.mask_store import MaskStore, packed_size
 from hpcprune.prune.plan import Plan, TensorSpec
+from hpcprune.prune.spill import Spill, Spilled
 
 CHUNK = 1 << 18
 """Elements per streamed chunk, rounded up to a multiple of 8 so that every chunk fills whole mask
@@ -196,27 +197,62 @@ class Streamer:
 
 
 class Budget:
-    """How many more elements this rank may keep between passes; once overdrawn, nothing more."""
+    """How many more elements this rank may keep between passes: up to `limit` in memory, then up to
+    `spill_limit` more in a spill file (hpcprune.prune.spill); once both are spent, nothing more.
+    Closing it (or leaving its `with`) deletes the spill file."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, spill_limit: int = 0):
         self.left: int | None = limit
+        self.spill_left = spill_limit
+        self.spill: Spill | None = None
         self.lock = threading.Lock()
+
+    def __enter__(self) -> Budget:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def overdrawn(self) -> bool:
         return self.left is None
 
-    def take(self, count: int) -> bool:
+    def keep(self, offsets: np.ndarray, digits: np.ndarray | None) -> Kept | None:
+        """These elements, kept: as arrays in memory, as a record of the spill file, or None (overdrawn)."""
         with self.lock:
-            if self.left is None or count > self.left:
+            if self.left is None:
+                return None
+            if offsets.size <= self.left:
+                self.left -= offsets.size
+            elif offsets.size <= self.spill_left:
+                self.spill_left -= offsets.size
+                self.spill = self.spill or Spill()
+                return self.spill.append(offsets, digits)
+            else:
                 self.left = None
-                return False
-            self.left -= count
-            return True
+                self._close_spill()
+                return None
+        return offsets.astype(np.uint32), digits
+
+    def close(self) -> None:
+        with self.lock:
+            self._close_spill()
+
+    def _close_spill(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
 
 
-# (tensor position, chunk start, offsets in the chunk, low digits or None), one entry per chunk
-Retained = list[tuple[int, int, np.ndarray, np.ndarray | None]]
+# A chunk's retained elements: (offsets in the chunk, low digits or None) in memory, or in a spill file
+Kept = tuple[np.ndarray, np.ndarray | None] | Spilled
+# (tensor position, chunk start, its retained elements), one entry per chunk
+Retained = list[tuple[int, int, Kept]]
+
+
+def unpack(kept: Kept) -> tuple[np.ndarray, np.ndarray | None]:
+    """A chunk's retained (offsets, digits), read back from the spill file if they went there."""
+    return kept.load() if isinstance(kept, Spilled) else kept
 
 
 @dataclass
@@ -240,10 +276,11 @@ class Counts:
                        self.problem or other.problem, retained, {**self.chunk_ties, **other.chunk_ties})
 
     def retain(self, budget: Budget, position: int, start: int, offsets: np.ndarray, digits=None) -> None:
-        if budget.take(offsets.size):
-            self.retained.append((position, start, offsets.astype(np.uint32), digits))
-        else:
+        kept = budget.keep(offsets, digits)
+        if kept is None:
             self.retained.clear()  # free it now: a later pass finds these elements again
+        else:
+            self.retained.append((position, start, kept))
 
 
 @dataclass
