@@ -335,6 +335,7 @@ def render(result: dict) -> str:
         f"{one_thread['seconds_record'] + one_thread['seconds_write']:.1f} s and {two_threads['seconds_record'] + two_threads['seconds_write']:.1f} s).",
         f"- Default threads (earlier versions' figure): 2 ranks {one['wall_seconds'] / two['wall_seconds']:.2f}x wall, "
         f"{one['seconds_select'] / two['seconds_select']:.2f}x on score + select.",
+        *disk_floor_lines(result, one_thread, two_threads),
         f"- Largest peak RSS of any rank: {largest / GIB:.3f} GiB; bound 2 x largest tensor + 0.5 GiB = "
         f"{result['rss_bound_bytes'] / GIB:.3f} GiB: {'within' if largest <= result['rss_bound_bytes'] else 'OVER'}.",
     ]
@@ -347,6 +348,18 @@ def render(result: dict) -> str:
     lines.append(f"- Masks identical for every run: {result['masks_identical']}; kept {int(one['kept']):,} of {int(one['total']):,}.")
     lines.append(torch_line(result["global_unstructured"]))
     return "\n".join(lines)
+
+
+def disk_floor_lines(result: dict, one: dict, two: dict) -> list[str]:
+    """Out of core, the disk bounds score + select: what it read, at the cold sequential rate, is a
+    floor on the 2-rank time, and so a ceiling on any speedup of ranks over the 1-rank run."""
+    if result["page_cache"]["warm"]:
+        return []
+    floor = two["disk_read_bytes"] / result["page_cache"]["cold_read_bytes_per_second"]
+    return [f"- The disk: the 2 x {two['threads'] or 'default'} run read {two['disk_read_bytes'] / GIB:.1f} GiB from it, "
+            f"{floor:.1f} s at the cold sequential rate, {floor / two['seconds_select']:.0%} of its score + select "
+            f"({two['seconds_select']:.1f} s); reading as much, no number of ranks takes the 1-rank score + select "
+            f"({one['seconds_select']:.1f} s) past {one['seconds_select'] / floor:.2f}x."]
 
 
 def torch_line(torch_result: dict | None) -> str:
