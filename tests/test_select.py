@@ -495,6 +495,22 @@ def test_global_reads_again_when_the_bin_outgrows_the_spill_share(monkeypatch, c
     assert_same_bool_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
 
 
+def test_a_spill_that_cannot_be_written_falls_back_to_reading_again(monkeypatch, counted_spills):
+    def disk_full(spill, offsets, digits):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streaming, "CHUNK", 64)
+    monkeypatch.setattr(radix, "RETAIN_LIMIT", 0)
+    monkeypatch.setattr(radix, "SPILL_SHARE", 1)
+    monkeypatch.setattr(CountedSpills, "append", disk_full)
+    plan = make_plan()
+    fixed = random_scores(plan, seed=29)
+    lazy = LazyScores(fixed)
+    chosen = select("global", lazy, plan, SingleWorld(), sparsity=0.45)
+    assert max(lazy.reads.values()) == 3 and counted_spills and all(spill.closed for spill in counted_spills)
+    assert_same_bool_masks(unpacked(chosen), reference_masks(plan, fixed, prune_count(0.45, plan.total)))
+
+
 def test_each_pass_reads_the_tensors_in_the_reverse_order_of_the_pass_before(monkeypatch):
     # What a pass read last is what the page cache still holds of a checkpoint larger than memory.
     monkeypatch.setattr(radix, "RETAIN_LIMIT", 0)  # pass 3 runs

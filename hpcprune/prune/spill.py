@@ -8,7 +8,8 @@ the scores. That bin grows with the model (about 0.35 % of 9e9 weights at 80 % s
 elements), past what a rank may hold in memory. Read again, the scores would cost 4 bytes per
 weight, the whole checkpoint from disk when it is larger than memory; kept here, 6 bytes per
 element of the bin, written once and read back once. The file lives in $TMPDIR like the mask
-store's, and the system deletes it when the process ends, even if killed.
+store's, and the system deletes it when the process ends, even if killed. If it cannot be
+written ($TMPDIR full), the selection gives it up and reads the scores a third time instead.
 """
 
 from __future__ import annotations

@@ -226,17 +226,24 @@ class Budget:
                 self.left -= offsets.size
             elif offsets.size <= self.spill_left:
                 self.spill_left -= offsets.size
-                self.spill = self.spill or Spill()
-                return self.spill.append(offsets, digits)
+                try:
+                    self.spill = self.spill or Spill()
+                    return self.spill.append(offsets, digits)
+                except OSError:  # $TMPDIR full or gone: a third read of the scores instead of a failed run
+                    self._give_up()
+                    return None
             else:
-                self.left = None
-                self._close_spill()
+                self._give_up()
                 return None
         return offsets.astype(np.uint32), digits
 
     def close(self) -> None:
         with self.lock:
             self._close_spill()
+
+    def _give_up(self) -> None:
+        self.left = None
+        self._close_spill()
 
     def _close_spill(self) -> None:
         if self.spill is not None:
