@@ -2,7 +2,9 @@
 
 hpcprune.prune.sequential.gram computes one triangle (BLAS syrk on CPU), packs it for the exact sums
 and mirrors it back: the triangle is XᵀX, the round trip loses no bit and gives a symmetric matrix,
-and the bits do not depend on how many BLAS threads made them.
+and the bits do not depend on how many BLAS threads made them. The errors' float32 triangle
+(`packed_gram`, panels of torch products) is the same triangle, in the same order, to float32's
+precision, and its bits do not depend on torch's threads either.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from hpcprune.prune.sequential.gram import add_gram, packed, packed_size, unpacked, upper_gram
+from hpcprune.prune.sequential import gram as gram_module
+from hpcprune.prune.sequential.gram import add_gram, packed, packed_gram, packed_size, unpacked, upper_gram
 
 
 @pytest.mark.parametrize("positions, features", [(1, 1), (7, 5), (256, 130), (300, 576)])
@@ -59,3 +62,28 @@ def test_adding_into_a_sum_is_the_sum_of_the_windows_products():
     separate = sum(upper_gram(rows) for rows in windows)
     scale = float(separate.abs().max())
     assert float((packed(total) - packed(separate)).abs().max()) <= 1e-14 * scale
+
+
+@pytest.mark.parametrize("panel", [128, 3])  # 3: panels that do not divide the features
+@pytest.mark.parametrize("positions, features", [(1, 1), (7, 5), (256, 130), (300, 576)])
+def test_the_float32_triangle_is_the_float64_one_to_float32_precision(positions, features, panel, monkeypatch):
+    monkeypatch.setattr(gram_module, "PANEL", panel)
+    rows = torch.randn(positions, features, generator=torch.Generator().manual_seed(features))
+    exact = packed(upper_gram(rows))
+    triangle = packed_gram(rows)
+    assert triangle.dtype == torch.float32 and triangle.shape == exact.shape
+    assert float((triangle.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("features", [576, 1536])
+def test_the_float32_bits_do_not_depend_on_torchs_threads(features):
+    rows = torch.randn(256, features, generator=torch.Generator().manual_seed(4))
+    before = torch.get_num_threads()
+    triangles = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            triangles.append(packed_gram(rows))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(triangles[0], triangle) for triangle in triangles[1:])

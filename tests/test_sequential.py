@@ -168,8 +168,9 @@ def test_sparsegpt_reconstructs_the_layers_better_than_wanda(tiny_folders, tmp_p
 
 def test_errors_from_the_hessian_and_from_gram_matrices_are_those_of_the_products(tiny_folders, tmp_path, monkeypatch):
     """SparseGPT's q, k and v take their errors from the dense pass's Hessian (their input is the
-    block's first, the same pruned), gate and up from their input's Gram matrix in the pruned pass,
-    the rest from their products: the recorded errors are those of every layer by its product."""
+    block's first, the same pruned), o, gate, up and down from their inputs' float32 Gram matrices
+    in the pruned pass (in this model down reads 64 features for 32 outputs, enough; SmolLM2's down,
+    1536 for 576, goes through its product): the recorded errors are those of every layer by its product."""
     from hpcprune.prune.sequential import engine, input_statistics, reconstruction
 
     measured = []
@@ -185,7 +186,8 @@ def test_errors_from_the_hessian_and_from_gram_matrices_are_those_of_the_product
     known, by_gram = measured[0]
     assert {name.rsplit(".", 1)[0].split(".", 3)[-1] for name in known} == {"self_attn.q_proj", "self_attn.k_proj",
                                                                             "self_attn.v_proj"}
-    assert {name.rsplit(".", 1)[0].split(".", 3)[-1] for name in by_gram} == {"mlp.gate_proj", "mlp.up_proj"}
+    assert {name.rsplit(".", 1)[0].split(".", 3)[-1] for name in by_gram} == {"self_attn.o_proj", "mlp.gate_proj",
+                                                                              "mlp.up_proj", "mlp.down_proj"}
 
     agree = input_statistics.agree_on_leaders
     monkeypatch.setattr(input_statistics, "agree_on_leaders", lambda *args: (agree(*args)[0], None))

@@ -13,11 +13,12 @@ agreed leaders), so every rank chooses alike:
 - a layer's product: a forward hook sees the pruned output ŴX + b the block computes anyway, so
   only (W − Ŵ)X is new, one matmul per window, and WX = (ŴX + b) − b + (W − Ŵ)X;
 - the layers reading one input with, together, at least GRAM_WIDTH times as many outputs as it has
-  features (attention's q, k and v; a gated MLP's gate and up; GPT-2's c_attn and c_fc):
-  G = ΣXᵀX of that input instead, its upper triangle per window (hpcprune.prune.sequential.gram),
+  features (attention's q, k and v, and its o; a gated MLP's gate and up; GPT-2's c_attn, c_fc and
+  attention's c_proj):
+  G = ΣXᵀX of that input instead, its triangle per window in float32 (hpcprune.prune.sequential.gram's `packed_gram`),
   summed exactly like the norms; then ‖(W − Ŵ)X‖² = Σ((W − Ŵ)G ∘ (W − Ŵ)) and ‖WX‖² = Σ(WG ∘ W),
-  once per block. The triangle costs in²/2 float64 multiply-adds per position, the products
-  Σ out · in float32 ones;
+  in float64 once per block. The triangle costs in²/2 float32 multiply-adds per position, the
+  products Σ out · in; both float32 roads agree with the float64 definition to about 1e-6;
 - `known`: layers whose input is the same in the pruned block as in the dense one (those reading
   the block's first Linear input, such as q, k and v) and whose method summed a multiple of its
   Gram matrix already (SparseGPT's Hessian): the same two sums from it, and nothing in the pass.
@@ -32,14 +33,14 @@ import torch.nn.functional as F
 
 from hpcprune.dist.exact_sum import ExactSum, reduce_exactly
 from hpcprune.dist.world import World
-from hpcprune.prune.sequential.gram import packed, packed_size, unpacked, upper_gram
+from hpcprune.prune.sequential.gram import packed_gram, packed_size, unpacked
 from hpcprune.prune.sequential.input_statistics import WindowHooks, input_rows
 from hpcprune.prune.sequential.layers import BlockLayer
 
-GRAM_WIDTH = 1.5
+GRAM_WIDTH = 0.5
 """Outputs per input feature, over the layers that read one input, from which their errors come from
-the input's Gram matrix: its triangle (in²/2 float64 multiply-adds per position) then costs less
-than their products (Σ out · in float32 ones)."""
+the input's Gram matrix: its triangle (in²/2 float32 multiply-adds per position) then costs no more
+than their products (Σ out · in)."""
 
 
 def measured_by_gram(layers: list[BlockLayer], leaders: dict[str, str]) -> set[str]:
@@ -102,7 +103,7 @@ class ReconstructionErrors(WindowHooks):
 
         def add(module, args, output) -> None:
             if self.leaders[name] == name:  # the others reading this input use its Gram matrix
-                term = packed(upper_gram(input_rows(args[0], self._keep)))
+                term = packed_gram(input_rows(args[0], self._keep))
                 self._terms[name] = self._terms[name] + term if name in self._terms else term
         return add
 
