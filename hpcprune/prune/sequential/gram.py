@@ -58,15 +58,15 @@ ones make fuller matrix products; 128 was the fastest of 64 to 192 for 576 and 1
 
 
 def packed_gram(rows: torch.Tensor) -> torch.Tensor:
-    """`packed(upper_gram(rows))` in float32: the lower triangle of XᵀX (the upper one's mirror
-    image, so the same order), made panel by panel into a row-major square and read from it."""
+    """`packed(upper_gram(rows))` in float32: the lower triangle of XᵀX made panel by panel into a
+    row-major square, whose transpose's upper triangle `packed` reads (from contiguous memory)."""
     rows = rows.to(torch.float32)
     features = rows.shape[1]
     lower = torch.empty(features, features, dtype=torch.float32, device=rows.device)  # above the triangle: unread
     for start in range(0, features, PANEL):
         end = min(features, start + PANEL)
         lower[start:end, :end] = rows[:, start:end].T @ rows[:, :end]
-    return torch.take(lower, _lower_offsets(features, rows.device))
+    return packed(lower.mT)
 
 
 @functools.lru_cache(maxsize=16)
