@@ -1,8 +1,9 @@
 """The per-layer reconstruction error a block-sequential round records, against the definition itself.
 
 ‖WX − ŴX‖² / ‖WX‖², X what each layer receives while the pruned block runs (so the second layer's X
-already carries the first layer's pruning), summed over the windows, padding positions left out;
-wide layers measured through their inputs' Gram matrix agree with their products.
+already carries the first layer's pruning), summed over the windows, padding positions left out, alone or in groups of windows (each group's
+terms added before the exact sum); wide layers measured through their inputs' Gram matrix agree with
+their products.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def expected_errors(block: nn.Sequential, dense: dict[str, torch.Tensor], window
     return {name: lost[name] / kept[name] for name in lost}
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_recorded_error_is_the_definition_on_the_pruned_inputs(bias):
+@pytest.mark.parametrize("bias, group", [(False, 1), (True, 1), (True, 2)])
+def test_recorded_error_is_the_definition_on_the_pruned_inputs(bias, group):
     block, dense = pruned_block(bias)
     layers = [BlockLayer(TensorSpec(0, "first", (20, 12)), block[0]), BlockLayer(TensorSpec(1, "second", (8, 20)), block[2])]
     generator = torch.Generator().manual_seed(1)
@@ -60,9 +61,9 @@ def test_recorded_error_is_the_definition_on_the_pruned_inputs(bias):
              torch.tensor([[True, False, True, True, True, True]])]
     with torch.no_grad():
         expected = expected_errors(block, {name: weight.clone() for name, weight in dense.items()}, windows, keeps)
-    with torch.no_grad(), ReconstructionErrors(layers, dense, windows=len(windows)) as errors:
-        for hidden, keep in zip(windows, keeps):
-            with errors.window(keep):
+    with torch.no_grad(), ReconstructionErrors(layers, dense, windows=len(windows), group=group) as errors:
+        for index, (hidden, keep) in enumerate(zip(windows, keeps)):
+            with errors.window(keep, index):
                 block(hidden)
     measured = errors.reduce(SingleWorld())
     assert measured.keys() == expected.keys()
@@ -97,17 +98,17 @@ def gated_layers(mlp: GatedMLP, conv1d: bool) -> list[BlockLayer]:
             BlockLayer(TensorSpec(2, "down", tuple(mlp.down.weight.shape)), mlp.down)]
 
 
-def measure(mlp: GatedMLP, layers, dense, windows, keeps, leaders=None) -> dict[str, float]:
+def measure(mlp: GatedMLP, layers, dense, windows, keeps, leaders=None, group=1) -> dict[str, float]:
     with torch.no_grad(), ReconstructionErrors(layers, {name: weight.clone() for name, weight in dense.items()},
-                                               windows=len(windows), leaders=leaders) as errors:
-        for hidden, keep in zip(windows, keeps):
-            with errors.window(keep):
+                                               windows=len(windows), leaders=leaders, group=group) as errors:
+        for index, (hidden, keep) in enumerate(zip(windows, keeps)):
+            with errors.window(keep, index):
                 mlp(hidden)
     return errors.reduce(SingleWorld())
 
 
-@pytest.mark.parametrize("conv1d, shared", [(False, False), (False, True), (True, True)])
-def test_gram_and_product_give_the_same_error(conv1d, shared, monkeypatch):
+@pytest.mark.parametrize("conv1d, shared, group", [(False, False, 1), (False, True, 1), (True, True, 1), (False, True, 2)])
+def test_gram_and_product_give_the_same_error(conv1d, shared, group, monkeypatch):
     """gate and up are measured through their input's Gram matrix (one, when the dense pass found
     that they share it), down through its product; with the Gram path switched off every layer goes
     through its product, and the errors agree."""
@@ -125,9 +126,9 @@ def test_gram_and_product_give_the_same_error(conv1d, shared, monkeypatch):
     windows = [torch.randn(1, 5, 6, generator=generator) for _ in range(3)]
     keeps = [torch.tensor([[True, True, False, True, True]]), torch.ones(1, 5, dtype=torch.bool),
              torch.tensor([[False, True, True, True, True]])]
-    by_gram = measure(mlp, layers, dense, windows, keeps, leaders)
+    by_gram = measure(mlp, layers, dense, windows, keeps, leaders, group)
     monkeypatch.setattr(reconstruction, "GRAM_WIDTH", 10**9)
-    by_product = measure(mlp, layers, dense, windows, keeps, leaders)
+    by_product = measure(mlp, layers, dense, windows, keeps, leaders, group)
     for name in ("gate", "up", "down"):  # the products are float32, their norms float64
         assert 0.05 < by_product[name] < 2
         assert by_gram[name] == pytest.approx(by_product[name], rel=1e-6), name

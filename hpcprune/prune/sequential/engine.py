@@ -133,7 +133,8 @@ class BlockEngine:
         known = ({name: kinds["hessian"] for name, kinds in statistics.items()
                   if "hessian" in kinds and shared.leaders.get(name) == shared.first}
                  if shared.first is not None else {})
-        with ReconstructionErrors(layers, dense_weights, self.windows, shared.leaders, known) as errors:
+        with ReconstructionErrors(layers, dense_weights, self.windows, shared.leaders, known,
+                                  group=self.window_group) as errors:
             run_windows(self.calibration, block, self.runner, outputs, scope=errors)
         return errors.reduce(self.world)
 

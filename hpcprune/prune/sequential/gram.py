@@ -13,9 +13,10 @@ Either way a window's triangle depends only on its own rows, so it has the same 
 rank holds the window.
 
 The reconstruction errors (hpcprune.prune.sequential.reconstruction), a diagnostic, take the
-triangle in float32 instead, at half float64's cost, from `packed_gram`: torch's float32 products
-on panels of PANEL rows of the lower triangle, whose bits, unlike OpenBLAS's ssyrk's, do not
-depend on the threads; it agrees with the float64 product to about 1e-6 of its largest entry.
+triangle in float32 instead, at half float64's cost, from `add_lower_gram`: torch's float32 products
+on panels of PANEL rows of the lower triangle, added up over a group of windows, whose bits,
+unlike OpenBLAS's ssyrk's, do not depend on the threads; it agrees with the float64 product to
+about 1e-6 of its largest entry.
 """
 
 from __future__ import annotations
@@ -52,21 +53,33 @@ def add_gram(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
 
 
 PANEL = 128
-"""Rows of the lower triangle per float32 product in `packed_gram`: a panel of rows r0..r1 costs
+"""Rows of the lower triangle per float32 product in `add_lower_gram`: a panel of rows r0..r1 costs
 (r1 - r0) x r1 products per position, so narrower panels waste less above the diagonal and wider
 ones make fuller matrix products; 128 was the fastest of 64 to 192 for 576 and 1536 features."""
 
 
-def packed_gram(rows: torch.Tensor) -> torch.Tensor:
-    """`packed(upper_gram(rows))` in float32: the lower triangle of XᵀX made panel by panel into a
-    row-major square, whose transpose's upper triangle `packed` reads (from contiguous memory)."""
+def add_lower_gram(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """total + XᵀX in float32 on and below the diagonal, panel by panel in total's memory (a row-major
+    square; above the triangle: unread). Windows added one by one this way cost what their rows
+    concatenated would, without the copy, and a third less than a triangle packed per window."""
     rows = rows.to(torch.float32)
     features = rows.shape[1]
-    lower = torch.empty(features, features, dtype=torch.float32, device=rows.device)  # above the triangle: unread
+    if total is None:
+        total = torch.zeros(features, features, dtype=torch.float32, device=rows.device)
     for start in range(0, features, PANEL):
         end = min(features, start + PANEL)
-        lower[start:end, :end] = rows[:, start:end].T @ rows[:, :end]
-    return packed(lower.mT)
+        total[start:end, :end].addmm_(rows[:, start:end].T, rows[:, :end])
+    return total
+
+
+def packed_lower(total: torch.Tensor) -> torch.Tensor:
+    """`add_lower_gram`'s triangle as `packed` gives an upper one (its transpose's, from contiguous memory)."""
+    return packed(total.mT)
+
+
+def packed_gram(rows: torch.Tensor) -> torch.Tensor:
+    """`packed(upper_gram(rows))` in float32."""
+    return packed_lower(add_lower_gram(None, rows))
 
 
 @functools.lru_cache(maxsize=16)

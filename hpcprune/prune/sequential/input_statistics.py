@@ -38,7 +38,7 @@ from hpcprune.prune.sequential.layers import BlockLayer
 
 
 def add_input_squares(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    squares = rows.to(torch.float64).square().sum(0)
+    squares = rows.to(torch.float64).square_().sum(0)  # squared in the copy: one float64 array, not two
     return squares if total is None else total.add_(squares)
 
 

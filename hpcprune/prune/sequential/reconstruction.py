@@ -4,9 +4,11 @@
 
 X is what the layer receives while its block runs pruned on the block's calibration inputs (so it
 already carries the pruning of the layers before it in the block), W the dense weight and Ŵ the
-pruned (or, for methods that update weights, the updated) one; biases cancel out. Per window the
-two squared norms are float64 terms, added exactly over all ranks' windows, so the ratio does not
-depend on the world size. A block without calibration windows has no error (NaN).
+pruned (or, for methods that update weights, the updated) one; biases cancel out. Per group of
+windows (`sequential.window_group`, whole on one rank, as the input statistics' groups) the two
+squared norms are float64 terms, added in window order within the group and exactly over all
+groups and ranks, so the ratio does not depend on the world size. A block without calibration
+windows has no error (NaN).
 
 Two ways to the same measure, chosen by shape and by the inputs layers share (the dense pass's
 agreed leaders), so every rank chooses alike:
@@ -15,10 +17,11 @@ agreed leaders), so every rank chooses alike:
 - the layers reading one input with, together, at least GRAM_WIDTH times as many outputs as it has
   features (attention's q, k and v, and its o; a gated MLP's gate and up; GPT-2's c_attn, c_fc and
   attention's c_proj):
-  G = ΣXᵀX of that input instead, its triangle per window in float32 (hpcprune.prune.sequential.gram's `packed_gram`),
-  summed exactly like the norms; then ‖(W − Ŵ)X‖² = Σ((W − Ŵ)G ∘ (W − Ŵ)) and ‖WX‖² = Σ(WG ∘ W),
-  in float64 once per block. The triangle costs in²/2 float32 multiply-adds per position, the
-  products Σ out · in; both float32 roads agree with the float64 definition to about 1e-6;
+  G = ΣXᵀX of that input instead, its triangle added up over the group's windows in float32
+  (hpcprune.prune.sequential.gram's `add_lower_gram`) and summed exactly like the norms; then
+  ‖(W − Ŵ)X‖² = Σ((W − Ŵ)G ∘ (W − Ŵ)) and ‖WX‖² = Σ(WG ∘ W) once per block, float32 products
+  summed in float64. The triangle costs in²/2 float32 multiply-adds per position, the products
+  Σ out · in; both float32 roads agree with the float64 definition to about 1e-6;
 - `known`: layers whose input is the same in the pruned block as in the dense one (those reading
   the block's first Linear input, such as q, k and v) and whose method summed a multiple of its
   Gram matrix already (SparseGPT's Hessian): the same two sums from it, and nothing in the pass.
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from hpcprune.dist.exact_sum import ExactSum, reduce_exactly
 from hpcprune.dist.world import World
-from hpcprune.prune.sequential.gram import packed_gram, packed_size, unpacked
+from hpcprune.prune.sequential.gram import add_lower_gram, packed_lower, packed_size, unpacked
 from hpcprune.prune.sequential.input_statistics import WindowHooks, input_rows
 from hpcprune.prune.sequential.layers import BlockLayer
 
@@ -58,23 +61,27 @@ class ReconstructionErrors(WindowHooks):
     become W − Ŵ in place (the caller keeps no other use for them: no second copy of the block)."""
 
     def __init__(self, layers: list[BlockLayer], dense: dict[str, torch.Tensor], windows: int,
-                 leaders: dict[str, str] | None = None, known: dict[str, torch.Tensor] | None = None):
+                 leaders: dict[str, str] | None = None, known: dict[str, torch.Tensor] | None = None,
+                 group: int = 1):
         self.known = known or {}  # layer -> a positive multiple of its input's ΣXᵀX, already summed
         self.measured = layers
         super().__init__([layer for layer in layers if layer.spec.name not in self.known])  # the others need hooks
         with torch.no_grad():
             self.lost = {layer.spec.name: dense[layer.spec.name].sub_(layer.module.weight)
                          for layer in layers if layer.spec.name in dense}
-        self.windows = windows
+        self.windows, self.group = windows, group  # all ranks' windows; windows per term
         self.device = next(iter(dense.values())).device if dense else torch.device("cpu")
         self.leaders = {layer.spec.name: (leaders or {}).get(layer.spec.name, layer.spec.name) for layer in self.layers}
         self.by_gram = measured_by_gram(self.layers, self.leaders)
-        self.sums = {layer.spec.name: ExactSum.of((2,), windows, self.device)
+        terms = math.ceil(windows / group)
+        self.sums = {layer.spec.name: ExactSum.of((2,), terms, self.device)
                      for layer in self.layers if layer.spec.name not in self.by_gram}
-        self.grams = {layer.spec.name: ExactSum.of((packed_size(layer.in_features),), windows, self.device)
+        self.grams = {layer.spec.name: ExactSum.of((packed_size(layer.in_features),), terms, self.device)
                       for layer in self.layers
                       if layer.spec.name in self.by_gram and self.leaders[layer.spec.name] == layer.spec.name}
-        self._terms: dict[str, torch.Tensor] = {}
+        self._terms: dict[str, torch.Tensor] = {}  # this group's windows so far: norms, or Gram squares
+        self._group_index: int | None = None
+        self._windows_seen = 0
 
     def _register(self, module, hook):
         return module.register_forward_hook(hook)
@@ -103,26 +110,38 @@ class ReconstructionErrors(WindowHooks):
 
         def add(module, args, output) -> None:
             if self.leaders[name] == name:  # the others reading this input use its Gram matrix
-                term = packed_gram(input_rows(args[0], self._keep))
-                self._terms[name] = self._terms[name] + term if name in self._terms else term
+                self._terms[name] = add_lower_gram(self._terms.get(name), input_rows(args[0], self._keep))
         return add
 
+    def _start_window(self) -> None:
+        index = self._windows_seen if self._index is None else self._index
+        if index // self.group != self._group_index:
+            self._end_group()
+            self._group_index = index // self.group
+
     def _end_window(self) -> None:
+        self._windows_seen += 1
+
+    def _end_group(self) -> None:
         for name, term in self._terms.items():
-            (self.sums[name] if name in self.sums else self.grams[name]).add(term, consume=True)
+            if name in self.sums:
+                self.sums[name].add(term, consume=True)
+            else:
+                self.grams[name].add(packed_lower(term), consume=True)
         self._terms = {}
 
     def reduce(self, world: World) -> dict[str, float]:
         """Layer name -> error over all ranks' windows (NaN when nothing reached the layer)."""
+        self._end_group()
         names = list(self.sums) + list(self.grams)
         totals = dict(zip(names, reduce_exactly([*self.sums.values(), *self.grams.values()], world)))
         features = {layer.spec.name: layer.in_features for layer in self.layers}
-        grams = {leader: unpacked(totals[leader], features[leader]) for leader in self.grams}
+        grams = {leader: unpacked(totals[leader], features[leader]).to(torch.float32) for leader in self.grams}
         errors = {}
         for layer in self.measured:
             name = layer.spec.name
             if name in self.known:  # the ratio does not see the multiple
-                lost, kept = self._from_gram(layer, self.known[name])
+                lost, kept = self._from_gram(layer, self.known[name].to(torch.float32))
             elif name in self.by_gram:
                 lost, kept = self._from_gram(layer, grams[self.leaders[name]])
             else:
@@ -131,10 +150,11 @@ class ReconstructionErrors(WindowHooks):
         return errors
 
     def _from_gram(self, layer: BlockLayer, gram: torch.Tensor) -> tuple[float, float]:
-        """(‖(W − Ŵ)X‖², ‖WX‖²) from G = ΣXᵀX: Σ((W − Ŵ)G ∘ (W − Ŵ)) and Σ(WG ∘ W), in float64."""
+        """(‖(W − Ŵ)X‖², ‖WX‖²) from G = ΣXᵀX (float32): Σ((W − Ŵ)G ∘ (W − Ŵ)) and Σ(WG ∘ W), float32
+        products (half float64's time; the terms' sum, in float64, is what cancellation could hurt)."""
         if layer.spec.name not in self.lost:
             return 0.0, 0.0
         difference = self.lost[layer.spec.name]
-        difference = (difference.T if layer.transposed else difference).to(torch.float64)  # out x in
-        dense = difference + layer.linear_weight().detach().to(torch.float64)
-        return tuple(float(((weight @ gram) * weight).sum()) for weight in (difference, dense))
+        difference = difference.T if layer.transposed else difference  # out x in
+        dense = difference + layer.linear_weight().detach()
+        return tuple(float(((weight @ gram) * weight).sum(dtype=torch.float64)) for weight in (difference, dense))
