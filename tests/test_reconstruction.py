@@ -1,9 +1,9 @@
 """The per-layer reconstruction error a block-sequential round records, against the definition itself.
 
 ‖WX − ŴX‖² / ‖WX‖², X what each layer receives while the pruned block runs (so the second layer's X
-already carries the first layer's pruning), summed over the windows, padding positions left out, alone or in groups of windows (each group's
-terms added before the exact sum); wide layers measured through their inputs' Gram matrix agree with
-their products.
+already carries the first layer's pruning), summed over the windows, padding positions left out,
+alone or in groups of windows (each group's terms added before the exact sum); wide layers measured
+through their inputs' Gram matrix agree with their products.
 """
 
 from __future__ import annotations

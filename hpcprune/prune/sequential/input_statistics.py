@@ -86,19 +86,23 @@ def input_rows(inputs: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 class WindowHooks:
-    """Forward pre-hooks on a block's layers that add one term per window and layer group.
+    """Forward pre-hooks on a block's layers that add one term per group of windows and layer group.
 
-    A subclass gives `_hook(layer)` (the hook, which sees `self._keep`, the window's token mask),
-    `_end_window()` (after a window's forward) and may give `_start_window()`. Within `with hooks:`
+    A subclass gives `_hook(layer)` (the hook, which sees `self._keep`, the window's token mask) and
+    `_end_group()` (the group's terms into the exact sums; also called, with nothing pending, before
+    the first window), and may give `_end_window()` (after a window's forward). Within `with hooks:`
     the hooks are registered; `with hooks.window(keep, index):` frames one window (index: its place
-    among all calibration windows). A window that raises ends the pass: its sums are not used.
+    among all calibration windows, whose `group` consecutive ones make a group; None: the windows
+    framed so far). A window that raises ends the pass: its sums are not used.
     """
 
-    def __init__(self, layers: list[BlockLayer]):
-        self.layers = layers
+    def __init__(self, layers: list[BlockLayer], group: int = 1):
+        self.layers, self.group = layers, group
         self._handles: list = []
         self._keep: torch.Tensor | None = None
         self._index: int | None = None
+        self._group_index: int | None = None
+        self._windows_seen = 0
 
     def __enter__(self):
         for layer in self.layers:
@@ -117,18 +121,22 @@ class WindowHooks:
     @contextlib.contextmanager
     def window(self, keep: torch.Tensor | None, index: int | None = None) -> Iterator[None]:
         self._keep, self._index = keep, index
-        self._start_window()
+        group = (self._windows_seen if index is None else index) // self.group
+        if group != self._group_index:
+            self._end_group()
+            self._group_index = group
         yield
         self._end_window()
+        self._windows_seen += 1
         self._keep = self._index = None
 
     def _hook(self, layer: BlockLayer) -> Callable:
         raise NotImplementedError
 
-    def _start_window(self) -> None:
-        """Before the window's forward (nothing by default)."""
-
     def _end_window(self) -> None:
+        """After the window's forward (nothing by default)."""
+
+    def _end_group(self) -> None:
         raise NotImplementedError
 
 
@@ -150,9 +158,9 @@ class InputStatistics(WindowHooks):
 
     def __init__(self, layers: list[BlockLayer], kinds: tuple[str, ...], windows: int, device: torch.device,
                  mantissa_bits: int | None = None, group: int = 1, stop_early: bool = False):
-        super().__init__(layers)
+        super().__init__(layers, group)
         self.kinds, self.windows, self.device, self.mantissa_bits = kinds, windows, device, mantissa_bits
-        self.group, self.stop_early = group, stop_early
+        self.stop_early = stop_early
         self._fired: set[str] = set()  # layers whose input this window has reached
         self.leaders: dict[str, str] = {}  # layer -> the first layer that read the same input (this rank's view)
         self.shared: dict[str, str] = {}  # the same over all ranks, once `reduce` has agreed on it
@@ -163,8 +171,6 @@ class InputStatistics(WindowHooks):
         self.sums: dict[tuple[str, str], ExactSum] = {}  # (leader, kind) -> this rank's sum
         self._seen: list[tuple[torch.Tensor, str]] = []  # this window's inputs and the layer that read each first
         self._group_terms: dict[tuple[str, str], torch.Tensor] = {}  # this group's windows so far, added in order
-        self._group_index: int | None = None
-        self._windows_seen = 0
 
     def _hook(self, layer: BlockLayer) -> Callable:
         name = layer.spec.name
@@ -193,14 +199,7 @@ class InputStatistics(WindowHooks):
             key = (name, kind)
             self._group_terms[key] = STATISTICS[kind].add(self._group_terms.get(key), rows)
 
-    def _start_window(self) -> None:
-        index = self._windows_seen if self._index is None else self._index
-        if index // self.group != self._group_index:
-            self._end_group()
-            self._group_index = index // self.group
-
     def _end_window(self) -> None:
-        self._windows_seen += 1
         self._seen, self._fired = [], set()
 
     def _end_group(self) -> None:

@@ -65,11 +65,11 @@ class ReconstructionErrors(WindowHooks):
                  group: int = 1):
         self.known = known or {}  # layer -> a positive multiple of its input's ΣXᵀX, already summed
         self.measured = layers
-        super().__init__([layer for layer in layers if layer.spec.name not in self.known])  # the others need hooks
+        super().__init__([layer for layer in layers if layer.spec.name not in self.known], group)  # the others need hooks
         with torch.no_grad():
             self.lost = {layer.spec.name: dense[layer.spec.name].sub_(layer.module.weight)
                          for layer in layers if layer.spec.name in dense}
-        self.windows, self.group = windows, group  # all ranks' windows; windows per term
+        self.windows = windows  # all ranks' windows
         self.device = next(iter(dense.values())).device if dense else torch.device("cpu")
         self.leaders = {layer.spec.name: (leaders or {}).get(layer.spec.name, layer.spec.name) for layer in self.layers}
         self.by_gram = measured_by_gram(self.layers, self.leaders)
@@ -80,8 +80,6 @@ class ReconstructionErrors(WindowHooks):
                       for layer in self.layers
                       if layer.spec.name in self.by_gram and self.leaders[layer.spec.name] == layer.spec.name}
         self._terms: dict[str, torch.Tensor] = {}  # this group's windows so far: norms, or Gram squares
-        self._group_index: int | None = None
-        self._windows_seen = 0
 
     def _register(self, module, hook):
         return module.register_forward_hook(hook)
@@ -112,15 +110,6 @@ class ReconstructionErrors(WindowHooks):
             if self.leaders[name] == name:  # the others reading this input use its Gram matrix
                 self._terms[name] = add_lower_gram(self._terms.get(name), input_rows(args[0], self._keep))
         return add
-
-    def _start_window(self) -> None:
-        index = self._windows_seen if self._index is None else self._index
-        if index // self.group != self._group_index:
-            self._end_group()
-            self._group_index = index // self.group
-
-    def _end_window(self) -> None:
-        self._windows_seen += 1
 
     def _end_group(self) -> None:
         for name, term in self._terms.items():
