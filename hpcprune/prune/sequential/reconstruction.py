@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hpcprune.dist.exact_sum import ExactSum, reduce_exactly
 from hpcprune.dist.world import World
+from hpcprune.prune.plan import TensorSpec, assign_owners
 from hpcprune.prune.sequential.gram import add_lower_gram, packed_lower, packed_size, unpacked
 from hpcprune.prune.sequential.input_statistics import WindowHooks, input_rows
 from hpcprune.prune.sequential.layers import BlockLayer
@@ -124,19 +126,39 @@ class ReconstructionErrors(WindowHooks):
         self._end_group()
         names = list(self.sums) + list(self.grams)
         totals = dict(zip(names, reduce_exactly([*self.sums.values(), *self.grams.values()], world)))
-        features = {layer.spec.name: layer.in_features for layer in self.layers}
-        grams = {leader: unpacked(totals[leader], features[leader]).to(torch.float32) for leader in self.grams}
+        forms = self._quadratic_forms(totals, world)
         errors = {}
         for layer in self.measured:
             name = layer.spec.name
-            if name in self.known:  # the ratio does not see the multiple
-                lost, kept = self._from_gram(layer, self.known[name].to(torch.float32))
-            elif name in self.by_gram:
-                lost, kept = self._from_gram(layer, grams[self.leaders[name]])
-            else:
-                lost, kept = totals[name].tolist()
+            lost, kept = forms[name] if name in forms else totals[name].tolist()
             errors[name] = float(lost / kept) if kept > 0 else math.nan
         return errors
+
+    def _quadratic_forms(self, totals: dict[str, torch.Tensor], world: World) -> dict[str, tuple[float, float]]:
+        """(‖(W − Ŵ)X‖², ‖WX‖²) of the layers measured through a Gram matrix, each computed on one
+        rank (assign_owners by out · in², what its products cost) and shared by a float64 allreduce
+        in which every other rank adds +0.0: the same bits as one rank computing them all."""
+        layers = [layer for layer in self.measured if layer.spec.name in self.known or layer.spec.name in self.by_gram]
+        specs = tuple(TensorSpec(index, layer.spec.name, tuple(layer.linear_spec.shape)) for index, layer in enumerate(layers))
+        owners = assign_owners(specs, world.size, cost=lambda spec: spec.shape[0] * spec.shape[1] ** 2)
+        features = {layer.spec.name: layer.in_features for layer in self.layers}
+        grams: dict[str, torch.Tensor] = {}  # leader -> its float32 Gram matrix, unpacked where needed
+        forms = np.zeros((len(layers), 2))
+        for index, (layer, owner) in enumerate(zip(layers, owners)):
+            if owner != world.rank:
+                continue
+            name = layer.spec.name
+            if name in self.known:  # the ratio does not see the multiple
+                gram = self.known[name].to(torch.float32)
+            else:
+                leader = self.leaders[name]
+                if leader not in grams:
+                    grams[leader] = unpacked(totals[leader], features[leader]).to(torch.float32)
+                gram = grams[leader]
+            forms[index] = self._from_gram(layer, gram)
+        if world.size > 1:
+            forms = world.allreduce_sum(forms)
+        return {layer.spec.name: (float(lost), float(kept)) for layer, (lost, kept) in zip(layers, forms)}
 
     def _from_gram(self, layer: BlockLayer, gram: torch.Tensor) -> tuple[float, float]:
         """(‖(W − Ŵ)X‖², ‖WX‖²) from G = ΣXᵀX (float32): Σ((W − Ŵ)G ∘ (W − Ŵ)) and Σ(WG ∘ W), float32
