@@ -29,6 +29,7 @@ import torch
 from hpcprune.archive.blocks import round_tables
 from hpcprune.archive.writer import Archive
 from hpcprune.config import RunConfig
+from hpcprune.dist.heap import return_free_heap
 from hpcprune.dist.signals import stop_here
 from hpcprune.dist.world import World
 from hpcprune.models.block_calls import BlockRunner
@@ -117,6 +118,7 @@ def _run_blocks(config: RunConfig, world: World, lazy: LazyModel, plan: Plan, st
             if streams.eval_pruned is not None:
                 pass_stream(streams.eval_pruned, block, runner)
             lazy.release_block(index)
+            return_free_heap()  # so the peak is one block's, not the blocks' done so far
             progress.update(1)
             log.info("block %d/%d %s in %.2f s", index + 1, len(lazy), "replayed" if index in recorded else "pruned",
                      time.perf_counter() - started)
