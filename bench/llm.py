@@ -22,11 +22,11 @@ in a process of its own, with `--threads` threads, and reports its pruning secon
                are the whole run's, start-up and reading the model included; peak RSS is the largest
                rank's, CPU seconds the ranks' sum. hpcprune-2's ratio to hpcprune is in the table too.
 
-Two kinds of seconds: `prune s`, each side's whole pruning (hpcprune's whole process, interpreter
-start-up and imports included; the anchor's `oneshot` call, after its imports and model load), and
-`blocks s`, like for like: the anchor's `oneshot` again, and hpcprune's per-block seconds from its
-archive summed (each block from loading its weights to recording it: start-up, the model index,
-tokenizing and the first inputs left out).
+Two kinds of seconds, each like for like: `run s`, every side's whole process as this script
+launches it (interpreter start-up, imports, reading the model, writing what it pruned: the
+anchor's weights file, hpcprune's archive), and `blocks s`, the pruning alone: the anchor's
+`oneshot` call, and hpcprune's per-block seconds from its archive summed (each block from loading
+its weights to recording it: start-up, the model index, tokenizing and the first inputs left out).
 
 Then this process loads each side's pruned weights into the dense model and measures, with one
 function for all, the achieved sparsity (exact zeros among the blocks' Linear weights) and the
@@ -70,7 +70,7 @@ ANCHOR_METHODS = ("sparsegpt", "sparsegpt-2:4", "wanda", "wanda-2:4", "magnitude
 METHODS = ("sparsegpt", "wanda", "sparsegpt-2:4", "magnitude")
 SIDES = ("anchor", "solve", "hpcprune", "hpcprune-2")
 EVAL_BATCH = 4  # eval windows per forward pass
-RATIOS = ("prune_seconds", "blocks_seconds", "cpu_seconds", "peak_rss_bytes", "perplexity")
+RATIOS = ("run_seconds", "blocks_seconds", "cpu_seconds", "peak_rss_bytes", "perplexity")
 
 
 def anchor_python(env: Path = ANCHOR_ENV) -> Path:
@@ -149,7 +149,7 @@ def run_side(side: str, method: str, args, work: Path) -> dict:
     if finished.returncode:
         return {"side": side, "method": method, "failed": finished.stderr[-4000:]}
     report = json.loads(Path(f"{stem}.json").read_text())
-    report["wall_seconds"] = time.perf_counter() - started
+    report["run_seconds"] = time.perf_counter() - started
     report.setdefault("blocks_seconds", report["prune_seconds"])  # oneshot: its first inputs and every layer
     weights = Path(f"{stem}.safetensors")
     return _measured(side, method, args, (report, load_model(args.model, weights)), weights.unlink)
@@ -175,7 +175,7 @@ def with_ratios(cells: list[dict]) -> list[dict]:
         if "failed" in cell:
             continue
         if cell["side"] == "hpcprune-2" and cell["method"] in one_rank:
-            cell["seconds_vs_1_rank"] = cell["prune_seconds"] / one_rank[cell["method"]]["prune_seconds"]
+            cell["seconds_vs_1_rank"] = cell["run_seconds"] / one_rank[cell["method"]]["run_seconds"]
         anchor = anchors.get(cell["method"].replace("sparsegpt-layer", "sparsegpt"))
         if anchor is None or cell["side"] == "anchor":
             continue
@@ -189,7 +189,7 @@ def table(result: dict) -> str:
              f"{result['threads']} thread(s), eval {result['eval_windows']} windows; dense perplexity "
              f"{result['dense_perplexity']:.2f}. {result['note']}",
              *([f"hpcprune's sides with {', '.join(result['hpcprune_set'])}."] if result.get("hpcprune_set") else []), "",
-             "| method | side | prune s | blocks s | CPU s | peak RSS GiB | sparsity | perplexity | s / anchor "
+             "| method | side | run s | blocks s | CPU s | peak RSS GiB | sparsity | perplexity | run s / anchor "
              "| blocks s / anchor | CPU s / anchor | RSS / anchor | ppl / anchor | s / 1 rank |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in result["cells"]:
@@ -201,7 +201,7 @@ def table(result: dict) -> str:
         shown.append(f"{cell['seconds_vs_1_rank']:.3f}" if "seconds_vs_1_rank" in cell else "")
         cpu = f"{cell['cpu_seconds']:.0f}" if "cpu_seconds" in cell else ""
         blocks = f"{cell['blocks_seconds']:.0f}" if "blocks_seconds" in cell else ""
-        lines.append(f"| {cell['method']} | {cell['side']} | {cell['prune_seconds']:.0f} | {blocks} | {cpu} | "
+        lines.append(f"| {cell['method']} | {cell['side']} | {cell['run_seconds']:.0f} | {blocks} | {cpu} | "
                      f"{cell['peak_rss_bytes'] / 2 ** 30:.2f} | {100 * cell['sparsity']:.4f} % | "
                      f"{cell['perplexity']:.2f} | {' | '.join(shown)} |")
     return "\n".join(lines) + "\n"
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             cell = run_side(side, method, args, args.work)
             print(f"  {method} {side}: " + (f"failed\n{cell['failed']}" if "failed" in cell else
-                  f"{cell['prune_seconds']:.0f} s, {cell['peak_rss_bytes'] / 2 ** 30:.2f} GiB, "
+                  f"{cell['run_seconds']:.0f} s, {cell['peak_rss_bytes'] / 2 ** 30:.2f} GiB, "
                   f"sparsity {100 * cell['sparsity']:.2f} %, perplexity {cell['perplexity']:.2f}"), flush=True)
             result["cells"] = with_ratios([*result["cells"], cell])
             RESULTS.mkdir(exist_ok=True)

@@ -7,9 +7,10 @@ length and seed (so hpcprune.models.text_windows draws the very windows the othe
 `sequential.threads` = --threads per rank; no eval.text, since bench/llm.py measures every side's
 perplexity itself; SparseGPT's damping and block size are the defaults, 1 % and 128, as the
 other sides'; then bench/llm.py's --hpcprune-set overrides, if any. Every process is bench/llm_rank.py, which writes its own peak RSS and CPU
-seconds; the side's seconds are the launcher's wall time of the whole run (start-up, reading the
-model block by block and the first inputs included: the anchor's exclude its imports and model load;
-`blocks_seconds`, the archive's per-block seconds summed, leaves ours out too). The
+seconds; the side's `run_seconds` are the launcher's wall time of the whole run (start-up, reading the
+model block by block and the first inputs included, as the anchor's `run_seconds` include its
+imports and model load); `blocks_seconds`, the archive's per-block seconds summed, leaves those
+out, as the anchor's `oneshot` seconds do. The
 pruned model comes back through `hpcprune export --format hf`, which bench/llm.py loads.
 """
 
@@ -69,7 +70,7 @@ def run_pipeline(side: str, method: str, args, work: Path) -> tuple[dict, Path] 
                                "--out", str(folder)], env=environment, capture_output=True, text=True)
     if exported.returncode:
         return {"side": side, "method": method, "failed": exported.stderr[-4000:]}
-    report = {"method": method, "ranks": ranks, "threads": args.threads, "prune_seconds": wall,
+    report = {"method": method, "ranks": ranks, "threads": args.threads, "run_seconds": wall,
               "blocks_seconds": blocks_seconds(archive),
               "cpu_seconds": sum(rank["cpu_seconds"] for rank in per_rank),
               "peak_rss_bytes": max(rank["peak_rss_bytes"] for rank in per_rank), "per_rank": per_rank}
