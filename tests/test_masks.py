@@ -9,7 +9,7 @@ from torch import nn
 
 from hpcprune.archive.codec import pack_mask, unpack_mask
 from hpcprune.errors import UsageError
-from hpcprune.prune.masks import MaskEnforcer, apply_masks, kept_count, sparsity_of
+from hpcprune.prune.masks import MaskEnforcer, apply_masks, kept_count, sparsity_of, zero_pruned_
 
 OPTIMIZERS = {
     "sgd-momentum-decay": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.05),
@@ -157,6 +157,22 @@ class Wrapper(nn.Module):
 
     def forward(self, inputs):
         return self.module(inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_zero_pruned_has_masked_fill_bits(dtype):
+    """Kept values keep their bits (NaN, ±inf and -0.0 among them); pruned ones become +0.0, for a
+    transposed (strided) keep mask too, as the SparseGPT solve passes it."""
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(64, 48, generator=generator).to(dtype)
+    values[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.0]).to(dtype)
+    for keep in (torch.rand(64, 48, generator=generator) < 0.5, torch.rand(48, 64, generator=generator).T < 0.5):
+        keep[0, :6] = torch.tensor([True, True, False, True, False, False])
+        expected = values.clone().masked_fill_(~keep, 0.0)
+        got = zero_pruned_(values.clone(), keep)
+        integers = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+        assert torch.equal(got.view(integers), expected.view(integers))
+        assert not got[~keep].view(integers).any()  # +0.0: all bits zero
 
 
 def test_wrapped_model_uses_the_inner_parameter_names():

@@ -29,6 +29,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+SAME_SIZE_INTEGERS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zero_pruned_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`tensor` (floating point) set to exactly +0.0 where `keep` (bool, broadcastable) is False, in
+    place. Its bits are multiplied by 1 or 0 as integers: a kept value keeps its bits (NaN and -0.0
+    too), a pruned one becomes all zero bits, as masked_fill_ would make it; masked_fill_ branches on
+    each element, which a mask as random as pruning's makes about ten times slower on a CPU."""
+    integers = SAME_SIZE_INTEGERS[tensor.element_size()]
+    tensor.view(integers).mul_(keep)
+    return tensor
+
+
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Set the pruned (False) positions of each masked parameter to 0.0, in place."""
     with torch.no_grad():

@@ -47,6 +47,7 @@ import torch
 from scipy.linalg.lapack import dtrtri
 
 from hpcprune.dist.threads import one_thread
+from hpcprune.prune.masks import zero_pruned_
 from hpcprune.prune.patterns import keep_largest
 from hpcprune.prune.selection import prune_count
 
@@ -211,7 +212,7 @@ def _solve_block(w: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor, firs
             torch.div(columns[column], column_divisors[column], out=column_errors[column])
             # In place, with no temporary the size of the block's remaining columns: one sweep of memory.
             block[column + 1:].addr_(local[column, column + 1:], column_errors[column], alpha=-1.0)
-    block.masked_fill_(~block_keep.T, 0.0)
+    zero_pruned_(block, block_keep.T)
     w[:, first:last] = block.T
     return errors.T
 

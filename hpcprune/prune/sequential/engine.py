@@ -32,6 +32,7 @@ from torch import nn
 from hpcprune.dist.exact_sum import SpreadTooWide
 from hpcprune.dist.world import World
 from hpcprune.models.block_calls import BlockRunner
+from hpcprune.prune.masks import zero_pruned_
 from hpcprune.prune.sequential.activations import Stream, WindowStore
 from hpcprune.prune.sequential.decisions import BlockDecisions, share_decisions
 from hpcprune.prune.sequential.input_statistics import AllInputsSeen, InputStatistics, LayerStatistics
@@ -168,7 +169,7 @@ def apply_decisions(layers: list[BlockLayer], decisions: BlockDecisions) -> None
             weight = layer.module.weight
             if layer.spec.name in decisions.weights:
                 weight.copy_(decisions.weights[layer.spec.name])
-            weight.masked_fill_(~decisions.mask(layer.spec.name, layer.spec.shape).to(weight.device), 0.0)
+            zero_pruned_(weight, decisions.mask(layer.spec.name, layer.spec.shape).to(weight.device))
 
 
 def _device(block: nn.Module) -> torch.device:
