@@ -9,7 +9,7 @@ from torch import nn
 
 from hpcprune.archive.codec import pack_mask, unpack_mask
 from hpcprune.errors import UsageError
-from hpcprune.prune.masks import MaskEnforcer, apply_masks, kept_count, sparsity_of, zero_pruned_
+from hpcprune.prune.masks import SAME_SIZE_INTEGERS, MaskEnforcer, apply_masks, kept_count, sparsity_of, zero_pruned_
 
 OPTIMIZERS = {
     "sgd-momentum-decay": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.05),
@@ -170,7 +170,7 @@ def test_zero_pruned_has_masked_fill_bits(dtype):
         keep[0, :6] = torch.tensor([True, True, False, True, False, False])
         expected = values.clone().masked_fill_(~keep, 0.0)
         got = zero_pruned_(values.clone(), keep)
-        integers = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+        integers = SAME_SIZE_INTEGERS[values.element_size()]
         assert torch.equal(got.view(integers), expected.view(integers))
         assert not got[~keep].view(integers).any()  # +0.0: all bits zero
 

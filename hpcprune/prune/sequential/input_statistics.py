@@ -100,7 +100,6 @@ class WindowHooks:
         self.layers, self.group = layers, group
         self._handles: list = []
         self._keep: torch.Tensor | None = None
-        self._index: int | None = None
         self._group_index: int | None = None
         self._windows_seen = 0
 
@@ -120,7 +119,7 @@ class WindowHooks:
 
     @contextlib.contextmanager
     def window(self, keep: torch.Tensor | None, index: int | None = None) -> Iterator[None]:
-        self._keep, self._index = keep, index
+        self._keep = keep
         group = (self._windows_seen if index is None else index) // self.group
         if group != self._group_index:
             self._end_group()
@@ -128,7 +127,7 @@ class WindowHooks:
         yield
         self._end_window()
         self._windows_seen += 1
-        self._keep = self._index = None
+        self._keep = None
 
     def _hook(self, layer: BlockLayer) -> Callable:
         raise NotImplementedError

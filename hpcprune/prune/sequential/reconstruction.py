@@ -139,9 +139,8 @@ class ReconstructionErrors(WindowHooks):
         rank (assign_owners by out · in², what its products cost) and shared by a float64 allreduce
         in which every other rank adds +0.0: the same bits as one rank computing them all."""
         layers = [layer for layer in self.measured if layer.spec.name in self.known or layer.spec.name in self.by_gram]
-        specs = tuple(TensorSpec(index, layer.spec.name, tuple(layer.linear_spec.shape)) for index, layer in enumerate(layers))
+        specs = tuple(TensorSpec(index, layer.spec.name, layer.linear_spec.shape) for index, layer in enumerate(layers))
         owners = assign_owners(specs, world.size, cost=lambda spec: spec.shape[0] * spec.shape[1] ** 2)
-        features = {layer.spec.name: layer.in_features for layer in self.layers}
         grams: dict[str, torch.Tensor] = {}  # leader -> its float32 Gram matrix, unpacked where needed
         forms = np.zeros((len(layers), 2))
         for index, (layer, owner) in enumerate(zip(layers, owners)):
@@ -153,7 +152,7 @@ class ReconstructionErrors(WindowHooks):
             else:
                 leader = self.leaders[name]
                 if leader not in grams:
-                    grams[leader] = unpacked(totals[leader], features[leader]).to(torch.float32)
+                    grams[leader] = unpacked(totals[leader], layer.in_features).to(torch.float32)  # the leader's input
                 gram = grams[leader]
             forms[index] = self._from_gram(layer, gram)
         if world.size > 1:
